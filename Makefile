@@ -1,0 +1,33 @@
+# The two README commands: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_output
+PER_CLASS ?= 150
+
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/xray-ray synth $(DEMO_DIR)/phantoms --per-class $(PER_CLASS) --size 299 --seed 0
+	$(BIN)/xray-ray index $(DEMO_DIR)/phantoms --out $(DEMO_DIR)/index.parquet
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,66 @@
+"""Config loading: defaults, YAML, dotted overrides, and clear errors."""
+
+import pytest
+
+from xray_ray.config import CLASS_NAMES, canonical_label, config_to_dict, flat_config, load_config, with_overrides
+
+
+@pytest.mark.parametrize(
+    "folder, label",
+    [
+        ("COVID", "COVID"),
+        ("covid", "COVID"),
+        ("Lung_Opacity", "Lung_Opacity"),
+        ("lung opacity", "Lung_Opacity"),
+        ("LUNG-OPACITY", "Lung_Opacity"),
+        ("Viral Pneumonia", "Viral Pneumonia"),
+        ("viral_pneumonia", "Viral Pneumonia"),
+        ("NORMAL", "Normal"),
+        ("pneumonia", None),
+        ("masks", None),
+    ],
+)
+def test_canonical_label(folder, label):
+    assert canonical_label(folder) == label
+
+
+def test_class_order_is_the_models_output_order():
+    assert CLASS_NAMES == ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+def test_defaults_are_the_origins():
+    data = load_config().data
+    assert (data.split, data.seed, data.balance) == ((0.9, 0.05, 0.05), 123, "undersample")
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  image_size: 96\n  seed: 7\n")
+    config = load_config(path, ["data.seed=9", "data.split=[0.8, 0.1, 0.1]"])
+    assert (config.data.image_size, config.data.seed, config.data.split) == (96, 9, (0.8, 0.1, 0.1))
+    assert config_to_dict(config)["data"]["seed"] == 9
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.nope=1"], "unknown setting"),
+        (["nosection.x=1"], "unknown setting"),
+        (["data.split=[0.5, 0.2]"], "three non-negative fractions"),
+        (["data.balance=oversample"], "undersample, class_weights or none"),
+        (["data.seed"], "section.key=value"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_flat_config_and_overrides_round_trip():
+    config = load_config()
+    flat = flat_config(config)
+    assert flat["model.dropout"] == 0.45 and flat["lra.patience"] == 1
+    changed = with_overrides(config, {"model.dropout": 0.3, "lra.patience": 2})
+    assert (changed.model.dropout, changed.lra.patience, config.model.dropout) == (0.3, 2, 0.45)
+    with pytest.raises(ValueError, match="lra.factor"):
+        with_overrides(config, {"lra.factor": 1.5})

@@ -1,0 +1,141 @@
+"""The `xray-ray` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Tune, serve and batch-score a chest X-ray classifier on Ray.", no_args_is_help=True)
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Argument(..., help="Folder to write the phantom dataset into (Radiography DB layout)."),
+    per_class: int = typer.Option(150, min=1, help="Images per class."),
+    size: int = typer.Option(299, min=32, help="Image side in pixels (the database's is 299)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+) -> None:
+    """Write synthetic phantom chest X-rays (not real images) for demos and tests."""
+    from xray_ray import synth as phantoms
+
+    counts = phantoms.write_dataset(out_dir, per_class=per_class, size=size, seed=seed)
+    typer.echo(f"wrote {sum(counts.values())} {phantoms.SYNTHETIC_NOTE} to {out_dir}: {counts}")
+
+
+@app.command()
+def index(
+    data_dir: Path = typer.Argument(..., help="Dataset root with one folder per class."),
+    out: Path = typer.Option(Path("index.parquet"), help="Where to write the index (Parquet)."),
+) -> None:
+    """Index a dataset folder: label, size, hash, dimensions and readability of every file."""
+    from xray_ray import index as indexing
+
+    try:
+        frame, found = indexing.build_index(data_dir)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    indexing.save_index(frame, out)
+    summary = indexing.summarize(frame)
+    for label, count in summary["per_class"].items():
+        typer.echo(f"  {label:<16} {count:>7}")
+    typer.echo(f"  {'unreadable':<16} {summary['unreadable']:>7}")
+    for reason, count in frame.loc[~frame["readable"], "error"].value_counts().items():
+        typer.echo(f"    {count} x {reason}")
+    if found.unknown_folders:
+        typer.echo(f"  not a class, skipped: {json.dumps(found.unknown_folders)}")
+    typer.echo(f"index of {len(frame)} files written to {out}")
+
+
+def _config(config_file: Path | None, overrides: list[str] | None):
+    from xray_ray.config import load_config
+
+    try:
+        return load_config(config_file, overrides)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+def _index(path: Path):
+    from xray_ray.index import load_index
+
+    try:
+        return load_index(path)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: cannot read the index {path}: {err}", err=True)
+        raise typer.Exit(2)
+
+
+CONFIG_OPTION = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train).")
+SET_OPTION = typer.Option(None, "--set", help="Override a setting, e.g. --set model.backbone=compact (repeatable).")
+
+
+@app.command()
+def train(
+    index_path: Path = typer.Option(..., "--index", help="index.parquet written by `xray-ray index`."),
+    out: Path = typer.Option(..., help="Model folder to export, e.g. models/NAME."),
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    report_dir: Path = typer.Option(None, help="Report folder (default reports/train/<model name>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing model folder."),
+) -> None:
+    """Train one model with LRA, export it with its model card, evaluate it on valid and test."""
+    from xray_ray.model import WeightsUnavailableError
+    from xray_ray.ray_runtime import ensure_ray
+    from xray_ray.train import train_and_export
+
+    config = _config(config_file, overrides)
+    frame = _index(index_path)
+    ensure_ray()
+    try:
+        card = train_and_export(frame, config, out, report_dir or Path("reports/train") / out.name, overwrite)
+    except (FileExistsError, WeightsUnavailableError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    synthetic = " (synthetic phantoms, not real X-rays)" if card["synthetic_data"] else ""
+    test = card["metrics"]["test"]
+    typer.echo(f"model {card['version']} ({card['backbone']}) exported to {out}")
+    typer.echo(f"test accuracy {test['accuracy']:.3f} on {test['n']} images{synthetic}")
+    typer.echo(f"report: {card['report']}")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="Exported model folder."),
+    index_path: Path = typer.Option(..., "--index", help="index.parquet to evaluate on."),
+    split: str = typer.Option("test", help="train, valid, test, or all (every readable row)."),
+    report_dir: Path = typer.Option(None, help="Report folder (default reports/evaluate/<model>-<split>)."),
+) -> None:
+    """Evaluate an exported model on a split of an index (the split the model card's seed defines)."""
+    from xray_ray import data, reports
+    from xray_ray.config import load_config
+    from xray_ray.evaluate import evaluate_files
+    from xray_ray.export import read_card
+    from xray_ray.index import fingerprint
+    from xray_ray.predict import Classifier
+
+    frame = _index(index_path)
+    try:
+        card = read_card(model)
+        cfg = load_config(None, [f"data.split={list(card['config']['data']['split'])}",
+                                 f"data.seed={card['config']['data']['seed']}"]).data
+        part = frame[frame["readable"]] if split == "all" else data.split_index(frame, cfg.split, cfg.seed).part(split)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    if fingerprint(frame) != card["index_fingerprint"]:
+        typer.echo("note: this index differs from the one the model was trained on; splits are not the training ones")
+    evaluation = evaluate_files(Classifier(model), part)
+    folder = report_dir or Path("reports/evaluate") / f"{model.name}-{split}"
+    reports.write_classification_report(folder, evaluation)
+    reports.plot_confusion_matrix(folder / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
+                                  f"{card['name']} on {split} ({evaluation.n} images)")
+    typer.echo(evaluation.report_text())
+    typer.echo(f"model {card['version']}; report files in {folder}")
+
+
+if __name__ == "__main__":
+    app()

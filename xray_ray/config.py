@@ -1,0 +1,174 @@
+"""Class names, defaults and typed configuration, loaded from YAML with dotted overrides.
+
+Every job reads its settings through `load_config`, so a YAML file, a command-line
+override (`data.image_size=64`) and the defaults below resolve the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASS_NAMES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+"""The four labels, in the model's output order."""
+
+
+def _fold(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+_FOLDED = {_fold(name): name for name in CLASS_NAMES}
+
+
+def canonical_label(name: str) -> str | None:
+    """Map a folder name such as `viral_pneumonia` or `LUNG OPACITY` to its class, or None."""
+    return _FOLDED.get(_fold(name))
+
+
+@dataclass
+class DataConfig:
+    """How the index becomes training, validation and test batches."""
+
+    image_size: int = 240
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 123
+    balance: str = "undersample"  # undersample | class_weights | none
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        self.split = tuple(float(f) for f in self.split)
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.balance not in ("undersample", "class_weights", "none"):
+            raise ValueError(f"data.balance must be undersample, class_weights or none, got {self.balance!r}")
+        if self.image_size < 32:
+            raise ValueError(f"data.image_size must be at least 32, got {self.image_size}")
+
+
+BACKBONES = ("efficientnetb1", "compact")
+
+
+@dataclass
+class ModelConfig:
+    """The network: backbone, its weights and trainability, and the origin's head."""
+
+    backbone: str = "efficientnetb1"  # efficientnetb1 (the origin's) | compact (CPU demos/tests)
+    weights: str = "imagenet"  # imagenet | none | path to a local weights file
+    trainable: str = "all"  # all | head | a backbone layer name to unfreeze from, e.g. block6a
+    units: int = 256
+    l2: float = 0.016
+    l1: float = 0.006
+    dropout: float = 0.45
+    learning_rate: float = 0.001
+    bn_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if not 0 <= self.dropout < 1 or not 0 < self.bn_momentum < 1 or self.learning_rate <= 0:
+            raise ValueError("model.dropout must be in [0, 1), model.bn_momentum in (0, 1), learning_rate > 0")
+
+
+@dataclass
+class LRAConfig:
+    """The LRA callback; `epochs` bounds training where the origin asked interactively."""
+
+    epochs: int = 40
+    patience: int = 1
+    stop_patience: int = 3
+    threshold: float = 0.9
+    factor: float = 0.5
+    dwell: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 1 or self.stop_patience < 1 or not 0 < self.factor < 1:
+            raise ValueError("lra.epochs, patience and stop_patience must be >= 1 and lra.factor in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Training mechanics that are not hyperparameters of the network."""
+
+    bn_refresh_batches: int = 50  # batches to re-estimate BatchNorm statistics after training from scratch
+    verbose: int = 0  # Keras fit verbosity; the LRA prints its own line per epoch
+
+
+@dataclass
+class Config:
+    """All settings of a job; sections are added as the jobs that use them are."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lra: LRAConfig = field(default_factory=LRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: str) -> Any:
+    """Parse an override's value the way YAML would (numbers, booleans, lists)."""
+    return yaml.safe_load(value)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting(s) in {where or 'config'}: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{name} must be a section, got {value!r}")
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: the config must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), _coerce(value))
+    return _build(Config, tree, "")
+
+
+def config_to_dict(config: Config) -> dict:
+    """A plain, JSON-ready dict of a config (for model cards and reports)."""
+    return dataclasses.asdict(config)
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """The config as dotted keys (`model.dropout`), as overrides and search spaces name them."""
+    return {f"{section}.{key}": value for section, values in config_to_dict(config).items() for key, value in values.items()}
+
+
+def with_overrides(config: Config, values: dict[str, Any]) -> Config:
+    """A validated copy of `config` with dotted keys replaced, e.g. {"model.dropout": 0.3}."""
+    tree = config_to_dict(config)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")

@@ -1,0 +1,159 @@
+"""From the index to what training needs: a stratified split, a balanced training set, and batches.
+
+The split is a pure function of the index's content and the seed, and keeps every copy
+of an image (same sha256) in one split, so duplicates cannot leak from train into test.
+Balancing and image loading run on Ray Data, so the same code scales from a laptop to
+a cluster; TensorFlow only sees the final batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from xray_ray import imaging
+from xray_ray.config import CLASS_NAMES
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Split:
+    """The three parts of an index, and what the split noticed about duplicates."""
+
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    duplicate_rows: int  # rows whose content also appears in another row
+    conflicting_rows: int  # rows left out: the same content carries two labels
+
+    def part(self, name: str) -> pd.DataFrame:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per-split, per-class row counts."""
+        return {name: class_counts(self.part(name)) for name in SPLITS}
+
+
+def class_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Rows per class, in canonical class order."""
+    return {label: int((frame["label"] == label).sum()) for label in CLASS_NAMES}
+
+
+def _quotas(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    train = round(fractions[0] * n)
+    valid = round(fractions[1] * n)
+    return [train, valid, n - train - valid]
+
+
+def split_index(frame: pd.DataFrame, fractions=(0.9, 0.05, 0.05), seed: int = 123) -> Split:
+    """Stratified split of the usable rows; copies of one image always land in the same part."""
+    usable = frame[frame["readable"]].sort_values("path", ignore_index=True)
+    labels_per_hash = usable.groupby("sha256")["label"].nunique()
+    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
+    if conflicting:
+        log.warning("%d images carry two different labels; they are left out of every split", len(conflicting))
+    clean = usable[~usable["sha256"].isin(conflicting)]
+    sizes = clean.groupby("sha256").size()
+    assignment: dict[str, str] = {}
+    for class_index, label in enumerate(CLASS_NAMES):
+        groups = clean[clean["label"] == label].groupby("sha256").size().sort_index()
+        order = np.random.default_rng([seed, class_index]).permutation(len(groups))
+        quotas = _quotas(int(groups.sum()), fractions)
+        filled = [0, 0, 0]
+        for position in order:
+            digest, size = groups.index[position], int(groups.iloc[position])
+            part = next((i for i in range(3) if filled[i] < quotas[i]), 2)
+            assignment[digest] = SPLITS[part]
+            filled[part] += size
+    parts = clean["sha256"].map(assignment)
+    return Split(
+        *(clean[parts == name].reset_index(drop=True) for name in SPLITS),
+        duplicate_rows=int(sizes[sizes > 1].sum()),
+        conflicting_rows=int(usable["sha256"].isin(conflicting).sum()),
+    )
+
+
+def class_weights(frame: pd.DataFrame) -> dict[int, float]:
+    """Keras `class_weight`: the alternative to undersampling, inverse to class frequency."""
+    counts = class_counts(frame)
+    total, present = sum(counts.values()), sum(1 for c in counts.values() if c)
+    return {i: (total / (present * counts[label]) if counts[label] else 0.0) for i, label in enumerate(CLASS_NAMES)}
+
+
+def undersample(ds, seed: int = 123):
+    """Cut every class of a Ray Dataset to the smallest class's count, the same rows for the same seed."""
+    counts = {row["label"]: row["count()"] for row in ds.groupby("label").count().take_all()}
+    keep = min(counts.values())
+
+    def pick(group: pd.DataFrame) -> pd.DataFrame:
+        group = group.sort_values("path", ignore_index=True)
+        rng = np.random.default_rng([seed, CLASS_NAMES.index(group["label"].iloc[0])])
+        return group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))]
+
+    return ds.groupby("label").map_groups(pick, batch_format="pandas")
+
+
+def one_hot(labels) -> np.ndarray:
+    """Labels as one-hot float32 rows in canonical class order."""
+    index = np.array([CLASS_NAMES.index(label) for label in labels])
+    return np.eye(len(CLASS_NAMES), dtype=np.float32)[index]
+
+
+def _load_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
+    images, labels = [], []
+    for path, label in zip(batch["path"], batch["label"]):
+        try:
+            images.append(imaging.preprocess(imaging.read_image(path), size).astype(np.uint8))
+            labels.append(label)
+        except imaging.ImageDecodeError as err:
+            log.warning("%s was readable when indexed but is not now (%s); skipped", path, err.reason)
+    empty = np.zeros((0, size, size, 3), np.uint8)
+    return {
+        "image": np.stack(images) if images else empty,
+        "y": one_hot(labels) if labels else np.zeros((0, len(CLASS_NAMES)), np.float32),
+        "label": np.array(labels, dtype=object),
+    }
+
+
+def load_images(ds, size: int):
+    """Decode and preprocess (imaging.preprocess, as everywhere) into `image` and one-hot `y` columns."""
+    return ds.map_batches(_load_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=32)
+
+
+def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
+    """Split the index and return Ray Datasets of rows (not yet images) per part, plus the split.
+
+    `balance`: `undersample` cuts the training classes to the smallest; `class_weights`
+    and `none` keep every training row.
+    """
+    import ray
+
+    split = split_index(frame, fractions, seed)
+    datasets = {name: ray.data.from_pandas(split.part(name)) for name in SPLITS}
+    if balance == "undersample":
+        datasets["train"] = undersample(datasets["train"], seed)
+    return datasets, split
+
+
+def to_tf(ds, batch_size: int, training: bool, seed: int = 123):
+    """A tf.data pipeline over a (materialized) image dataset; random horizontal flip on training only."""
+    import tensorflow as tf
+
+    tfds = ds.to_tf(
+        feature_columns="image",
+        label_columns="y",
+        batch_size=batch_size,
+        local_shuffle_buffer_size=4 * batch_size if training else None,
+        local_shuffle_seed=seed if training else None,
+    )
+    tfds = tfds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if training:
+        tfds = tfds.map(lambda x, y: (tf.image.random_flip_left_right(x, seed=seed), y))
+    return tfds.prefetch(tf.data.AUTOTUNE)

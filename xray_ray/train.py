@@ -1,0 +1,220 @@
+"""One training run (one Tune trial): index in, Keras fit with LRA, the best model out.
+
+`prepare_training_data` runs once (per experiment under Tune) and yields materialized Ray
+Datasets of preprocessed images; `fit` trains on them in whatever process it runs in,
+importing TensorFlow only there. `tune_trainable` is the same run as a Ray Tune function
+trainable: it reports every epoch with a checkpoint and resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from xray_ray import data
+from xray_ray.config import Config, config_to_dict, with_overrides
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.json"
+MODEL_FILE = "model.keras"
+BEST_WEIGHTS_FILE = "best.weights.h5"
+
+
+@dataclass
+class TrainingData:
+    """Preprocessed, materialized image datasets for one experiment, shared by its trials."""
+
+    train: object  # ray.data.Dataset with image/y/label columns (balanced when undersampling)
+    valid: object
+    split: data.Split
+    class_weight: dict[int, float] | None
+    image_size: int
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the model with its best weights, and how it got there."""
+
+    model: object
+    epochs: list[dict]
+    best_epoch: int
+    stop_reason: str
+    bn_refresh_batches: int
+    seconds: float
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def prepare_training_data(frame: pd.DataFrame, config: Config) -> TrainingData:
+    """Split, balance, decode and preprocess once; every trial then reads the same blocks."""
+    cfg = config.data
+    datasets, split = data.prepare(frame, cfg.split, cfg.seed, cfg.balance)
+    if len(split.train) == 0 or len(split.valid) == 0:
+        raise ValueError(f"the index is too small to split: {split.counts()}")
+    return TrainingData(
+        train=data.load_images(datasets["train"], cfg.image_size).materialize(),
+        valid=data.load_images(datasets["valid"], cfg.image_size).materialize(),
+        split=split,
+        class_weight=data.class_weights(split.train) if cfg.balance == "class_weights" else None,
+        image_size=cfg.image_size,
+    )
+
+
+def setup_tensorflow() -> bool:
+    """Import TensorFlow with GPU memory growth set before any op; mixed precision only on a GPU.
+
+    Returns whether a GPU is in use. A CUDA_VISIBLE_DEVICES that names an absent GPU
+    simply leaves TensorFlow on the CPU.
+    """
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: growth was set then
+            pass
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
+    return bool(gpus)
+
+
+def _epoch_timer():
+    """A Keras callback keeping the wall time of each epoch, for reports and the card."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def fit(training: TrainingData, config: Config, report_to_tune: bool = False,
+        resume_from: str | None = None) -> TrainResult:
+    """Train with LRA (reporting each epoch to Ray Tune when asked); end with the best weights and, after training from scratch, fresh BatchNorm statistics."""
+    import keras
+
+    from xray_ray.lra import LRA
+    from xray_ray.model import build_model, refresh_batchnorm
+
+    started = time.perf_counter()
+    setup_tensorflow()
+    cfg = config.lra
+    lra = LRA(patience=cfg.patience, stop_patience=cfg.stop_patience, threshold=cfg.threshold,
+              factor=cfg.factor, dwell=cfg.dwell)
+    initial_epoch = 0
+    if resume_from:
+        folder = Path(resume_from)
+        model = keras.models.load_model(folder / MODEL_FILE, compile=True)
+        best = build_model(config.model, training.image_size, config.data.seed)
+        best.load_weights(folder / BEST_WEIGHTS_FILE)
+        state = json.loads((folder / STATE_FILE).read_text())
+        lra.set_state(state["lra"], best_weights=best.get_weights())
+        initial_epoch = state["epoch"]
+        log.info("resuming at epoch %d from %s", initial_epoch + 1, folder)
+    else:
+        model = build_model(config.model, training.image_size, config.data.seed)
+    timer = _epoch_timer()
+    callbacks = [lra, timer] + ([_tune_reporter(lra)] if report_to_tune else [])
+    batch = config.data.batch_size
+    model.fit(
+        data.to_tf(training.train, batch, training=True, seed=config.data.seed),
+        validation_data=data.to_tf(training.valid, batch, training=False),
+        epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
+        class_weight=training.class_weight,
+        callbacks=callbacks,
+        verbose=config.train.verbose,
+    )
+    refreshed = 0
+    if config.model.weights == "none":
+        plain = (x for x, _ in data.to_tf(training.train, batch, training=False))
+        refreshed = refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    return TrainResult(model, lra.epochs, lra.best_epoch, lra.stop_reason, refreshed,
+                       time.perf_counter() - started, timer.seconds)
+
+
+def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
+    """A resumable snapshot: the current model with its optimizer, the best weights, the LRA counters."""
+    model.save(folder / MODEL_FILE)
+    best = model.get_weights()
+    model.set_weights(lra.best_weights)
+    model.save_weights(folder / BEST_WEIGHTS_FILE)
+    model.set_weights(best)
+    (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "lra": lra.get_state()}))
+
+
+def _tune_reporter(lra):
+    """A Keras callback reporting each epoch to Ray Tune, with a checkpoint to resume from."""
+    import keras
+    import ray.tune
+
+    class TuneReport(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            latest = lra.epochs[-1]
+            metrics = {key: float(value) for key, value in (logs or {}).items()}
+            metrics.update(epoch=epoch + 1, lr=latest["lr"], best_epoch=lra.best_epoch,
+                           lra_action=latest["action"], stop_reason=lra.stop_reason or "")
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), self.model, lra, epoch + 1)
+                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+    return TuneReport()
+
+
+def tune_trainable(params: dict, training: TrainingData, config: Config) -> None:
+    """Ray Tune function trainable: `params` are dotted overrides (`model.dropout`) on `config`."""
+    import ray.tune
+
+    checkpoint = ray.tune.get_checkpoint()
+    fit(training, with_overrides(config, params), report_to_tune=True,
+        resume_from=checkpoint.to_directory() if checkpoint else None)
+
+
+def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, report_dir: str | Path,
+                     overwrite: bool = False) -> dict:
+    """The `xray-ray train` job: fit, export the model folder, evaluate the export on valid and test, report."""
+    from xray_ray import export, index, reports
+    from xray_ray.evaluate import evaluate_files
+    from xray_ray.predict import Classifier
+    from xray_ray.synth import SYNTHETIC_NOTE
+
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before an hour of training, not after
+        raise FileExistsError(f"{out} already exists: choose another name or pass --overwrite")
+    training = prepare_training_data(frame, config)
+    result = fit(training, config)
+    synthetic = bool(frame.attrs.get("synthetic", False))
+    card = export.build_card(
+        out.name, config,
+        training={"epochs_run": len(result.epochs), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+                  "bn_refresh_batches": result.bn_refresh_batches, "seconds": round(result.seconds, 1),
+                  "epoch_seconds": [round(s, 2) for s in result.epoch_seconds],
+                  "train_images": int(training.train.count())},
+        index_fingerprint=index.fingerprint(frame), split_counts=training.split.counts(), synthetic=synthetic,
+    )
+    card = export.export_model(result.model, out, card, overwrite=overwrite)
+    classifier = Classifier(out)
+    evaluations = {part: evaluate_files(classifier, training.split.part(part)) for part in ("valid", "test")}
+    card = export.update_card(out, metrics={part: e.as_dict() for part, e in evaluations.items()})
+    page = reports.write_training_report(
+        Path(report_dir), title=f"Training report: {card['name']} ({config.model.backbone})",
+        evaluation=evaluations["test"], epochs=result.epochs, best_epoch=result.best_epoch,
+        config=config_to_dict(config), note=SYNTHETIC_NOTE if synthetic else None,
+        extra={"model version": card["version"], "model folder": str(out), "backbone": config.model.backbone,
+               "valid accuracy": f"{evaluations['valid'].accuracy:.3f}", **card["training"]},
+    )
+    return {**card, "report": str(page)}
