@@ -158,7 +158,7 @@ def test_training_curves(tmp_path, epochs, best):
     "values",
     [
         {"COVID": [0.9, 0.8], "Lung_Opacity": [], "Normal": [0.4], "Viral Pneumonia": [0.99] * 5},
-        {"only": [3.0, 7.5, 12.0], "empty": []},  # values outside [0, 1]
+        {"only": [3.0, 7.5, 12.0, float("nan")], "same": [5.0], "empty": []},  # outside [0, 1]
         {},
     ],
 )

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Tune, serve and batch-score a chest X-ray classifier on Ray.", no_args_is_help=True)
+
+
+@app.callback()
+def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and results.")) -> None:
+    """Show the project's own progress lines (LRA epochs, stages) unless --quiet."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("xray_ray").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @app.command()

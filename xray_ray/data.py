@@ -2,8 +2,8 @@
 
 The split is a pure function of the index's content and the seed, and keeps every copy
 of an image (same sha256) in one split, so duplicates cannot leak from train into test.
-Balancing and image loading run on Ray Data, so the same code scales from a laptop to
-a cluster; TensorFlow only sees the final batches.
+Image loading runs on Ray Data, so the same code scales from a laptop to a cluster;
+TensorFlow only sees the final batches.
 """
 
 from __future__ import annotations
@@ -87,17 +87,22 @@ def class_weights(frame: pd.DataFrame) -> dict[int, float]:
     return {i: (total / (present * counts[label]) if counts[label] else 0.0) for i, label in enumerate(CLASS_NAMES)}
 
 
-def undersample(ds, seed: int = 123):
-    """Cut every class of a Ray Dataset to the smallest class's count, the same rows for the same seed."""
-    counts = {row["label"]: row["count()"] for row in ds.groupby("label").count().take_all()}
+def undersample(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
+    """Cut every class to the smallest class's count; the same rows for the same seed and index.
+
+    This works on index rows (paths and labels, not images), so it runs in the driver
+    in milliseconds even for the full database; a Ray Data groupby shuffle cost about
+    20 s per call on a 2-core machine for the same result. Images are loaded afterwards
+    on Ray Data, from the kept rows only.
+    """
+    counts = {label: n for label, n in class_counts(frame).items() if n}
     keep = min(counts.values())
-
-    def pick(group: pd.DataFrame) -> pd.DataFrame:
-        group = group.sort_values("path", ignore_index=True)
-        rng = np.random.default_rng([seed, CLASS_NAMES.index(group["label"].iloc[0])])
-        return group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))]
-
-    return ds.groupby("label").map_groups(pick, batch_format="pandas")
+    parts = []
+    for label in counts:
+        group = frame[frame["label"] == label].sort_values("path")
+        rng = np.random.default_rng([seed, CLASS_NAMES.index(label)])
+        parts.append(group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))])
+    return pd.concat(parts, ignore_index=True)
 
 
 def one_hot(labels) -> np.ndarray:
@@ -136,9 +141,9 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
     import ray
 
     split = split_index(frame, fractions, seed)
-    datasets = {name: ray.data.from_pandas(split.part(name)) for name in SPLITS}
-    if balance == "undersample":
-        datasets["train"] = undersample(datasets["train"], seed)
+    train = undersample(split.train, seed) if balance == "undersample" else split.train
+    datasets = {"train": ray.data.from_pandas(train)}
+    datasets.update({name: ray.data.from_pandas(split.part(name)) for name in ("valid", "test")})
     return datasets, split
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Without an explicit mode, Ray turns token authentication on once ~/.ray/auth_token exists,
+# and `ray job submit` then fails; a cluster that wants tokens sets RAY_AUTH_MODE=token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -78,6 +78,7 @@ def write_classification_report(folder: str | Path, evaluation: Evaluation) -> d
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Render `fig` with Agg to a PNG at 100 dpi, atomically."""
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -104,6 +105,7 @@ def plot_confusion_matrix(path: str | Path, confusion, class_names: Iterable[str
 
 
 def _series(epochs: list[dict], key: str) -> np.ndarray:
+    """The values of `key` across epochs as floats, NaN where missing (matplotlib leaves a gap)."""
     return np.array([np.nan if e.get(key) is None else float(e[key]) for e in epochs])
 
 
@@ -113,6 +115,8 @@ def plot_training_curves(path: str | Path, epochs: list[dict], title: str, best_
     `best_epoch` defaults to the last epoch flagged `improved`. A learning-rate change
     after epoch e (`lr_after != lr`) is drawn as a dotted line between e and e + 1.
     """
+    if not epochs:
+        raise ValueError("plot_training_curves needs at least one epoch")
     x = np.array([e["epoch"] for e in epochs], dtype=float)
     if best_epoch is None:
         best_epoch = next((e["epoch"] for e in reversed(epochs) if e.get("improved")), None)
@@ -152,9 +156,11 @@ def plot_histograms(path: str | Path, values_by_class: Mapping[str, list[float]]
     """One small histogram per class on a shared x range; empty classes say so."""
     names = list(values_by_class) or ["(no classes)"]
     values = [np.asarray(values_by_class.get(name, []), dtype=float) for name in names]
+    values = [v[np.isfinite(v)] for v in values]
     pooled = np.concatenate(values)
-    unit = pooled.size == 0 or (pooled.min() >= 0 and pooled.max() <= 1)
-    bins = np.linspace(0, 1, 21) if unit else np.linspace(pooled.min(), pooled.max() or 1, 21)
+    unit = pooled.size == 0 or (pooled.min() >= 0 and pooled.max() <= 1)  # probabilities: bins over [0, 1]
+    lo, hi = (0.0, 1.0) if unit else (pooled.min(), pooled.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
     ncols = min(4, len(names))
     nrows = math.ceil(len(names) / ncols)
     fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows + 0.6), layout="constrained")
@@ -277,10 +283,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-_NUMERIC = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?")
-"""Cells that look like numbers are right-aligned."""
-
-
 def _href(ref: str | Path) -> str:
     """An escaped, URL-quoted relative reference; absolute paths and URLs are refused."""
     ref = ref.as_posix() if isinstance(ref, Path) else str(ref)
@@ -290,7 +292,11 @@ def _href(ref: str | Path) -> str:
     return html.escape(urllib.parse.quote(ref, safe="/#"))
 
 
+_NUMERIC = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?")
+
+
 def _cell(text: str) -> str:
+    """A table cell; cells that look like numbers are right-aligned."""
     align = ' class="num"' if _NUMERIC.fullmatch(text) else ""
     return f"<td{align}>{html.escape(text)}</td>"
 

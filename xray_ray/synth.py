@@ -60,6 +60,8 @@ def phantom(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
     Bright means dense (bone, tissue, fluid), dark means air, as on a real radiograph.
     All randomness comes from `rng`, so a seeded generator gives a reproducible image.
+    Label-independent draws (pose, anatomy, exposure, noise) come first, so the same rng
+    state gives the same "patient" under every label, differing only by the finding.
     """
     if label not in CLASS_NAMES:
         raise ValueError(f"unknown label {label!r}; expected one of {CLASS_NAMES}")
@@ -113,35 +115,37 @@ def phantom(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
     # Normal lung markings in every class: faint low-frequency mottling.
     img += lung * _smooth_noise(rng, size, 10) * 0.025
 
+    # Exposure: gamma, contrast and brightness vary per film; uniform quantum noise.
+    # Drawn before the finding so that one rng state gives the same film under every label.
+    gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.75, 1.15), rng.uniform(-0.06, 0.10)
+    noise = (rng.random((size, size), dtype=f32) - 0.5) * rng.uniform(0.04, 0.12)
+
     # Class-specific finding, its strength drawn from a range so some cases are subtle.
     if label == "COVID":
         # Ground-glass: hazy, patchy, both lungs, outer third, lower zones.
-        patch = np.clip(_smooth_noise(rng, size, 9) * 0.6 + 0.7, 0, 1)
+        patch = np.clip(_smooth_noise(rng, size, 12) * 0.7 + 0.6, 0, 1)
         for side, mask in zip((-1.0, 1.0), lungs):
-            periph = np.clip((side * u - 0.28) / 0.22, 0, 1)
-            lower = np.clip((v + 0.15) / 0.35, 0, 1)
-            img += mask * periph * lower * patch * rng.uniform(0.14, 0.28)
+            periph = np.clip((side * u - 0.22) / 0.2, 0, 1)
+            lower = np.clip((v + 0.25) / 0.3, 0, 1)
+            img += mask * periph * lower * patch * rng.uniform(0.22, 0.40)
     elif label == "Viral Pneumonia":
         # Reticulation: zero-crossings of smooth noise make a coarse net of bright lines
         # (cells ~7% of the width, lines ~1.5%), coarse enough to survive 64 px.
         net = np.exp(-(_smooth_noise(rng, size, 22) / 0.3) ** 2)
-        img += lung * (net * rng.uniform(0.09, 0.18) + rng.uniform(0.0, 0.03))
+        img += lung * (1.0 - dense) * (net * rng.uniform(0.10, 0.20) + rng.uniform(0.0, 0.03))
     elif label == "Lung_Opacity":
         # Consolidation: one dense, irregular patch in a random lung and zone.
         side = float(rng.choice((-1.0, 1.0)))
         zone_v = float(rng.choice((-0.38, -0.12, 0.10))) + rng.uniform(-0.05, 0.05)
         pu = side * (lung_u + rng.uniform(-0.06, 0.06))
-        radius = rng.uniform(0.12, 0.20)
+        radius = rng.uniform(0.15, 0.25)
         edge = _smooth_noise(rng, size, 8) * 0.25
         blob = np.clip((1.0 - np.sqrt((u - pu) ** 2 + (v - zone_v) ** 2) / radius + edge) / 0.35, 0, 1)
-        img += blob * lungs[0 if side < 0 else 1] * rng.uniform(0.16, 0.30)
+        img += blob * lungs[0 if side < 0 else 1] * rng.uniform(0.24, 0.40)
 
-    # Exposure: gamma, contrast and brightness vary per film (applied through a lookup
-    # table, much cheaper than a per-pixel power); then uniform quantum noise.
-    levels = np.linspace(0.0, 1.0, 1024, dtype=f32)
-    curve = levels ** rng.uniform(0.8, 1.25) * rng.uniform(0.75, 1.15) + rng.uniform(-0.06, 0.10)
-    img = curve[(np.clip(img, 0, 1) * 1023).astype(np.intp)]
-    img += (rng.random((size, size), dtype=f32) - 0.5) * rng.uniform(0.04, 0.12)
+    # Apply the exposure through a lookup table (much cheaper than a per-pixel power).
+    curve = np.linspace(0.0, 1.0, 1024, dtype=f32) ** gamma * gain + offset
+    img = curve[(np.clip(img, 0, 1) * 1023).astype(np.intp)] + noise
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

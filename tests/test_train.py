@@ -1,0 +1,216 @@
+"""Training: learning proven through the exported model, BatchNorm refresh, Tune reporting and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xray_ray import data
+from xray_ray.config import load_config
+from xray_ray.export import read_card
+from xray_ray.predict import Classifier
+
+pytestmark = pytest.mark.timeout(900)
+
+COMPACT = ["data.image_size=64", "data.split=[0.7, 0.15, 0.15]", "model.backbone=compact", "model.weights=none",
+           "model.bn_momentum=0.9", "lra.epochs=14", "lra.patience=2"]
+
+
+@pytest.fixture(scope="session")
+def learn_index(ray_local, tmp_path_factory):
+    """150 phantoms per class at 96 px, indexed: enough for the compact CNN to show learning."""
+    from xray_ray import synth
+    from xray_ray.index import build_index
+
+    root = tmp_path_factory.mktemp("learn")
+    synth.write_dataset(root, per_class=150, size=96, seed=11)
+    frame, _ = build_index(root)
+    return frame
+
+
+@pytest.fixture(scope="session")
+def compact_model(learn_index, tmp_path_factory):
+    """One compact model trained, exported and evaluated through `xray-ray train`'s code path."""
+    from xray_ray.train import train_and_export
+
+    out = tmp_path_factory.mktemp("models") / "compact"
+    reports = tmp_path_factory.mktemp("reports")
+    card = train_and_export(learn_index, load_config(None, COMPACT), out, reports)
+    return out, reports, card
+
+
+def test_compact_backbone_learns_held_out_phantoms(compact_model):
+    _, _, card = compact_model
+    assert card["metrics"]["test"]["accuracy"] >= 0.75, card["metrics"]["test"]
+    assert card["metrics"]["test"]["n"] >= 80
+
+
+def test_model_card_describes_the_export(compact_model, learn_index):
+    from xray_ray.index import fingerprint
+
+    out, _, card = compact_model
+    saved = read_card(out)
+    assert saved["version"] == card["version"] and saved["version"].startswith("compact-")
+    assert saved["classes"] == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    assert saved["input"]["size"] == 64 and saved["backbone"] == "compact" and saved["synthetic_data"] is True
+    assert saved["index_fingerprint"] == fingerprint(learn_index)
+    assert saved["hyperparameters"]["dropout"] == 0.45 and saved["hyperparameters"]["lra_patience"] == 2
+    assert {"tensorflow", "keras", "ray"} <= set(saved["versions"])
+    assert saved["training"]["stop_reason"] in ("max_epochs", "stop_patience")
+    assert 1 <= saved["training"]["best_epoch"] <= saved["training"]["epochs_run"]
+    assert set(saved["metrics"]) == {"valid", "test"}
+
+
+def test_training_report_files_are_valid(compact_model):
+    _, reports, card = compact_model
+    report = json.loads((reports / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    for name in ("confusion_matrix.png", "training_curves.png"):
+        width, height = Image.open(reports / name).size
+        assert width >= 400 and height >= 300
+    html = (reports / "index.html").read_text()
+    assert "synthetic" in html.lower() and "compact" in html and "confusion_matrix.png" in html
+
+
+def test_exported_model_predicts_bytes_and_arrays_alike(compact_model, learn_index):
+    out, _, _ = compact_model
+    classifier = Classifier(out)
+    paths = list(learn_index["path"][:6])
+    from_bytes = classifier.predict([open(p, "rb").read() for p in paths])
+    probabilities, errors = classifier.predict_files(paths)
+    assert errors == [""] * 6
+    np.testing.assert_allclose(from_bytes.probabilities, probabilities, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_bytes.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert from_bytes.model_version == read_card(out)["version"]
+    assert len(set(from_bytes.labels)) >= 1 and from_bytes.probabilities.std(axis=0).max() > 0
+
+
+def test_undecodable_input_never_reaches_the_model(compact_model):
+    from xray_ray.imaging import ImageDecodeError
+
+    classifier = Classifier(compact_model[0])
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        classifier.predict([b"this is not an image at all"])
+    _, errors = classifier.predict_files(["/nonexistent/file.png"])
+    assert errors[0].startswith("unreadable file")
+
+
+def test_export_refuses_to_overwrite_silently(compact_model, learn_index):
+    from xray_ray.train import train_and_export
+
+    out, reports, _ = compact_model
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_and_export(learn_index, load_config(None, COMPACT), out, reports)
+
+
+def _accuracy(model, x, y, training):
+    return float((np.asarray(model(x, training=training)).argmax(1) == y).mean())
+
+
+def test_batchnorm_refresh_matches_inference_to_training_mode(learn_index):
+    """Statistics that lag (momentum 0.999) ruin inference; the refresh brings it back near training mode."""
+    from xray_ray.model import refresh_batchnorm
+    from xray_ray.train import fit, prepare_training_data
+
+    config = load_config(None, COMPACT + ["model.bn_momentum=0.999", "lra.epochs=6", "train.bn_refresh_batches=0"])
+    training = prepare_training_data(learn_index, config)
+    model = fit(training, config).model
+    rows = training.train.to_pandas()
+    x = np.stack([np.asarray(i, np.float32) for i in rows["image"]])
+    y = np.stack([np.asarray(v) for v in rows["y"]]).argmax(1)
+    train_mode = _accuracy(model, x, y, training=True)
+    stale = _accuracy(model, x, y, training=False)
+    assert train_mode > 0.4, "the network did not learn at all; the comparison would prove nothing"
+    used = refresh_batchnorm(model, (x[i:i + 32] for i in range(0, len(x), 32)), 50)
+    refreshed = _accuracy(model, x, y, training=False)
+    assert used == -(-len(x) // 32)
+    assert abs(refreshed - train_mode) <= 0.1, (stale, refreshed, train_mode)
+    assert refreshed > stale
+
+
+def test_weights_error_names_the_file_and_folder(tmp_path, monkeypatch):
+    from xray_ray import model
+    from xray_ray.config import ModelConfig
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(model, "EFFICIENTNET_WEIGHTS_URL", "http://127.0.0.1:9/efficientnetb1_notop.h5")
+    with pytest.raises(model.WeightsUnavailableError) as err:
+        model.resolve_weights(ModelConfig(weights="imagenet"))
+    message = str(err.value)
+    assert "efficientnetb1_notop.h5" in message and str(tmp_path / "keras" / "models") in message
+    assert "model.weights=none" in message
+    with pytest.raises(model.WeightsUnavailableError, match="no pretrained weights"):
+        model.resolve_weights(ModelConfig(backbone="compact", weights="imagenet"))
+    with pytest.raises(model.WeightsUnavailableError, match="no such file"):
+        model.resolve_weights(ModelConfig(weights=str(tmp_path / "missing.h5")))
+
+
+@pytest.mark.parametrize("trainable, frozen_first", [("head", True), ("block7a", True), ("all", False)])
+def test_trainability_choices(trainable, frozen_first):
+    from xray_ray.config import ModelConfig
+    from xray_ray.model import build_model
+
+    model = build_model(ModelConfig(weights="none", trainable=trainable), 64)
+    backbone = model.get_layer("backbone")
+    assert backbone.layers[3].trainable is not frozen_first
+    assert model.get_layer("head_dense").trainable and model.optimizer is not None
+    if trainable == "block7a":
+        assert backbone.get_layer("top_conv").trainable
+
+
+def test_efficientnetb1_end_to_end_fit_export_reload(learn_index, tmp_path):
+    """The origin's network through the same path: fit with LRA, BN refresh, export, reload, identical answers."""
+    from xray_ray import export
+    from xray_ray.train import fit, prepare_training_data
+
+    small = learn_index.groupby("label").head(12)
+    config = load_config(None, ["data.image_size=64", "data.split=[0.5, 0.5, 0.0]", "model.weights=none",
+                                "lra.epochs=2", "train.bn_refresh_batches=2", "data.batch_size=16"])
+    training = prepare_training_data(small, config)
+    result = fit(training, config)
+    assert len(result.epochs) == 2 and result.bn_refresh_batches == 2
+    card = export.build_card("effb1", config, training={"epochs_run": 2}, index_fingerprint="x",
+                             split_counts={}, synthetic=True)
+    export.export_model(result.model, tmp_path / "effb1", card)
+    images = np.stack([np.asarray(i, np.float32) for i in training.valid.to_pandas()["image"]])
+    expected = np.asarray(result.model.predict_on_batch(images))
+    got = Classifier(tmp_path / "effb1").predict_arrays(images).probabilities
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_tune_trainable_reports_each_epoch_and_resumes_from_its_checkpoint(learn_index, tmp_path):
+    """A trial that fails after epoch 1 is retried by Tune and continues at epoch 2 from its checkpoint."""
+    from ray import tune
+
+    from xray_ray.train import prepare_training_data, tune_trainable
+
+    config = load_config(None, COMPACT + ["lra.epochs=3"])
+    training = prepare_training_data(learn_index.groupby("label").head(30), config)
+    marker = tmp_path / "failed-once"
+
+    def flaky(params, training, config):
+        if not marker.exists():
+            marker.touch()
+            tune_trainable({**params, "lra.epochs": 1}, training, config)
+            raise RuntimeError("simulated worker loss after epoch 1")
+        tune_trainable(params, training, config)
+
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(flaky, training=training, config=config), {"cpu": 1}),
+        param_space={"model.dropout": 0.3},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="resume",
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    history = results[0].metrics_dataframe
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "best_epoch"} <= set(history.columns)
+    assert results[0].checkpoint is not None
+    state = json.loads((Path(results[0].checkpoint.to_directory()) / "state.json").read_text())
+    assert state["epoch"] == 3 and len(state["lra"]["epochs"]) == 3
