@@ -22,6 +22,8 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/xray-ray synth $(DEMO_DIR)/phantoms --per-class $(PER_CLASS) --size 299 --seed 0
 	$(BIN)/xray-ray index $(DEMO_DIR)/phantoms --out $(DEMO_DIR)/index.parquet
+	$(BIN)/xray-ray train --index $(DEMO_DIR)/index.parquet --out $(DEMO_DIR)/models/compact \
+		--config configs/compact_cpu.yaml --report-dir $(DEMO_DIR)/reports/train --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

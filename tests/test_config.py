@@ -64,3 +64,19 @@ def test_flat_config_and_overrides_round_trip():
     assert (changed.model.dropout, changed.lra.patience, config.model.dropout) == (0.3, 2, 0.45)
     with pytest.raises(ValueError, match="lra.factor"):
         with_overrides(config, {"lra.factor": 1.5})
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [("model.l1=1e-05", "l1", 1e-05), ("model.l2=0", "l2", 0.0), ("model.units=128", "units", 128),
+     ("model.backbone=compact", "backbone", "compact"), ("model.weights=/w/x.h5", "weights", "/w/x.h5")],
+)
+def test_override_values_take_the_settings_type(override, key, value):
+    got = getattr(load_config(None, [override]).model, key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override", ["model.units=12.5", "model.l2=abc"])
+def test_wrong_types_are_refused(override):
+    with pytest.raises(ValueError, match="must be a"):
+        load_config(None, [override])

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from xray_ray import data
-from xray_ray.config import load_config
+from xray_ray.config import flat_config, load_config
 from xray_ray.export import read_card
 from xray_ray.predict import Classifier
 
 pytestmark = pytest.mark.timeout(900)
 
-COMPACT = ["data.image_size=64", "data.split=[0.7, 0.15, 0.15]", "model.backbone=compact", "model.weights=none",
-           "model.bn_momentum=0.9", "lra.epochs=14", "lra.patience=2"]
+COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
+COMPACT = [f"{key}={json.dumps(value)}" for key, value in flat_config(load_config(COMPACT_CONFIG)).items()]
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +59,7 @@ def test_model_card_describes_the_export(compact_model, learn_index):
     assert saved["input"]["size"] == 64 and saved["backbone"] == "compact" and saved["synthetic_data"] is True
     assert saved["index_fingerprint"] == fingerprint(learn_index)
     assert saved["hyperparameters"]["dropout"] == 0.45 and saved["hyperparameters"]["lra_patience"] == 2
+    assert saved["config"]["model"]["learning_rate"] == 0.002
     assert {"tensorflow", "keras", "ray"} <= set(saved["versions"])
     assert saved["training"]["stop_reason"] in ("max_epochs", "stop_patience")
     assert 1 <= saved["training"]["best_epoch"] <= saved["training"]["epochs_run"]
@@ -214,3 +215,19 @@ def test_tune_trainable_reports_each_epoch_and_resumes_from_its_checkpoint(learn
     assert results[0].checkpoint is not None
     state = json.loads((Path(results[0].checkpoint.to_directory()) / "state.json").read_text())
     assert state["epoch"] == 3 and len(state["lra"]["epochs"]) == 3
+
+
+def test_cli_evaluate_reproduces_the_cards_test_split(compact_model, learn_index, tmp_path):
+    from typer.testing import CliRunner
+
+    from xray_ray.cli import app
+    from xray_ray.index import save_index
+
+    out, _, card = compact_model
+    save_index(learn_index, tmp_path / "index.parquet")
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--index", str(tmp_path / "index.parquet"),
+                                      "--split", "test", "--report-dir", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    assert "differs" not in result.output

@@ -7,6 +7,7 @@ override (`data.image_size=64`) and the defaults below resolve the same way ever
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,26 @@ class Config:
 
 
 def _coerce(value: str) -> Any:
-    """Parse an override's value the way YAML would (numbers, booleans, lists)."""
-    return yaml.safe_load(value)
+    """Parse an override's value as JSON, else as YAML (numbers, booleans, lists, bare words)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return yaml.safe_load(value)
+
+
+def _typed(default: Any, value: Any, name: str) -> Any:
+    """`value` converted to the type of the setting's default (YAML reads `1e-5` as text)."""
+    if isinstance(default, bool) or default is None or isinstance(value, type(default)):
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(default, int) and not number.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return type(default)(number)
+    return value
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -130,13 +149,14 @@ def _build(cls: type, values: dict, where: str) -> Any:
         raise ValueError(f"unknown setting(s) in {where or 'config'}: {', '.join(unknown)}")
     kwargs = {}
     for name, value in values.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        spec = known[name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}{name} must be a section, got {value!r}")
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(default, value, f"{where}{name}")
     return cls(**kwargs)
 
 

@@ -117,7 +117,7 @@ def phantom(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
     # Exposure: gamma, contrast and brightness vary per film; uniform quantum noise.
     # Drawn before the finding so that one rng state gives the same film under every label.
-    gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.75, 1.15), rng.uniform(-0.06, 0.10)
+    gamma, gain, offset = rng.uniform(0.85, 1.18), rng.uniform(0.85, 1.10), rng.uniform(-0.04, 0.06)
     noise = (rng.random((size, size), dtype=f32) - 0.5) * rng.uniform(0.04, 0.12)
 
     # Class-specific finding, its strength drawn from a range so some cases are subtle.
@@ -155,6 +155,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files should be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -154,7 +154,7 @@ def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
     model.set_weights(lra.best_weights)
     model.save_weights(folder / BEST_WEIGHTS_FILE)
     model.set_weights(best)
-    (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "lra": lra.get_state()}))
+    (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "lra": lra.get_state(), "stop_reason": lra.stop_reason}))
 
 
 def _tune_reporter(lra):
@@ -186,17 +186,43 @@ def tune_trainable(params: dict, training: TrainingData, config: Config) -> None
 
 def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, report_dir: str | Path,
                      overwrite: bool = False) -> dict:
-    """The `xray-ray train` job: fit, export the model folder, evaluate the export on valid and test, report."""
+    """The `xray-ray train` job: fit, then export, evaluate and report (`export_and_evaluate`)."""
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before an hour of training, not after
+        raise FileExistsError(f"{out} already exists: choose another name or pass --overwrite")
+    training = prepare_training_data(frame, config)
+    return export_and_evaluate(fit(training, config), training, frame, config, out, report_dir, overwrite)
+
+
+def result_from_checkpoint(folder: str | Path, training: TrainingData, config: Config) -> TrainResult:
+    """The finished run a Tune checkpoint holds: its best weights (BatchNorm refreshed when from scratch)."""
+    from xray_ray.model import build_model, refresh_batchnorm
+
+    folder = Path(folder)
+    setup_tensorflow()
+    saved = json.loads((folder / STATE_FILE).read_text())
+    state = saved["lra"]
+    model = build_model(config.model, training.image_size, config.data.seed)
+    model.load_weights(folder / BEST_WEIGHTS_FILE)
+    refreshed = 0
+    if config.model.weights == "none":
+        plain = (x for x, _ in data.to_tf(training.train, config.data.batch_size, training=False))
+        refreshed = refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    epochs = state["epochs"]
+    stop_reason = saved["stop_reason"] or ("max_epochs" if len(epochs) >= config.lra.epochs else "interrupted")
+    return TrainResult(model, epochs, int(state["best_epoch"]), stop_reason, refreshed, seconds=float("nan"))
+
+
+def export_and_evaluate(result: TrainResult, training: TrainingData, frame: pd.DataFrame, config: Config,
+                        out: str | Path, report_dir: str | Path, overwrite: bool = False,
+                        card_extra: dict | None = None) -> dict:
+    """Export the model folder, evaluate the export on valid and test, write the training report."""
     from xray_ray import export, index, reports
     from xray_ray.evaluate import evaluate_files
     from xray_ray.predict import Classifier
     from xray_ray.synth import SYNTHETIC_NOTE
 
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before an hour of training, not after
-        raise FileExistsError(f"{out} already exists: choose another name or pass --overwrite")
-    training = prepare_training_data(frame, config)
-    result = fit(training, config)
     synthetic = bool(frame.attrs.get("synthetic", False))
     card = export.build_card(
         out.name, config,
@@ -205,6 +231,7 @@ def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, repor
                   "epoch_seconds": [round(s, 2) for s in result.epoch_seconds],
                   "train_images": int(training.train.count())},
         index_fingerprint=index.fingerprint(frame), split_counts=training.split.counts(), synthetic=synthetic,
+        extra=card_extra,
     )
     card = export.export_model(result.model, out, card, overwrite=overwrite)
     classifier = Classifier(out)
