@@ -145,5 +145,84 @@ def evaluate(
     typer.echo(f"model {card['version']}; report files in {folder}")
 
 
+@app.command("tune")
+def tune(
+    config_file: Path = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train, tune); "
+                                     "e.g. configs/tune_demo.yaml."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a setting, e.g. --set tune.num_samples=8 or "
+                                        "--set model.backbone=compact (repeatable)."),
+    index_path: Path = typer.Option(None, "--index", help="index.parquet written by `xray-ray index` (an absolute "
+                                    "path under `ray job submit`). On --resume, defaults to the experiment's index."),
+    data_dir: Path = typer.Option(None, "--data", help="Dataset folder to index first, instead of --index; the index "
+                                  "is saved as <report dir>/index.parquet."),
+    name: str = typer.Option(None, "--name", help="Experiment name (default tune.name): its folder under the "
+                         "storage path, reports/tune/NAME and models/NAME."),
+    storage_path: str = typer.Option(None, "--storage-path", help="Where Tune keeps trials and checkpoints (default "
+                                     "tune.storage_path): a local folder, a path shared by all nodes, or s3://bucket/prefix."),
+    out: Path = typer.Option(None, "--out", help="Model folder for the best trial (default models/NAME)."),
+    report_dir: Path = typer.Option(None, "--report-dir", help="Report folder (default reports/tune/NAME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted experiment NAME with its saved "
+                                "settings: finished trials are kept, unfinished ones restart from their last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder and report."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to run on (default RAY_ADDRESS, which `ray job "
+                                "submit` sets; otherwise a local Ray is started)."),
+) -> None:
+    """Tune hyperparameters with Ray Tune + Optuna, then export and evaluate the best trial's model.
+
+    Relative output paths resolve under $XRAY_RAY_HOME, else the working folder (~/xray-ray when run by `ray job submit`, whose working folder is temporary).
+    """
+    import os
+
+    from xray_ray import tune as tuning
+    from xray_ray.model import WeightsUnavailableError
+
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not logging.getLogger("xray_ray").level:  # run as jobs/tune.py, without the app's --quiet callback
+        logging.getLogger("xray_ray").setLevel(logging.INFO)
+    if index_path and data_dir:
+        typer.echo("error: give --index or --data, not both", err=True)
+        raise typer.Exit(2)
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    try:
+        config, settings = tuning.load_experiment_config(config_file, overrides)
+        experiment = tuning.plan(settings, name, storage_path, out, report_dir)
+        saved = tuning.check_can_start(experiment, resume, overwrite)
+        if saved is not None and (config_file or overrides):
+            typer.echo("note: --resume continues with the settings saved with the experiment; --config and --set "
+                       "only served to find it (tune.name, tune.storage_path)")
+        if saved is not None and not (index_path or data_dir):
+            if not saved.get("index_path"):
+                raise ValueError("the experiment did not record its index: give --index")
+            index_path = Path(saved["index_path"])
+        if data_dir:
+            from xray_ray import index as indexing
+
+            frame, _ = indexing.build_index(data_dir)
+            index_path = experiment.report_dir / "index.parquet"
+            indexing.save_index(frame, index_path)
+        elif index_path:
+            frame = _index(index_path)
+        else:
+            raise ValueError("give --index (or --data) for a new experiment")
+        summary = tuning.run_experiment(frame, config, settings, experiment, resume=resume, overwrite=overwrite,
+                                        index_path=str(Path(index_path).resolve()))
+    except (FileExistsError, FileNotFoundError, WeightsUnavailableError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    except RuntimeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    synthetic = " (synthetic phantoms, not real X-rays)" if summary["synthetic_data"] else ""
+    typer.echo(f"experiment {summary['experiment']}: {summary['trials']} trials in {summary['storage_path']}")
+    typer.echo(f"best trial {summary['best_trial']}: {summary['metric']} {summary['best_score']:.4f} with "
+               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["best_params"].items()))
+    typer.echo(f"model {summary['model_version']} exported to {summary['model']}; "
+               f"test accuracy {summary['test_accuracy']:.3f}{synthetic}")
+    if summary["errors"]:
+        typer.echo(f"warning: {len(summary['errors'])} trial(s) failed for good: {summary['errors']}")
+    typer.echo(f"report: {experiment.report_dir / 'index.html'}")
+
+
 if __name__ == "__main__":
     app()

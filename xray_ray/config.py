@@ -99,6 +99,72 @@ class TrainConfig:
     verbose: int = 0  # Keras fit verbosity; the LRA prints its own line per epoch
 
 
+METRICS = {"val_accuracy": "max", "val_loss": "min"}
+
+# The searched hyperparameters: setting name in the `tune:` section -> the dotted config key it sets.
+SEARCHED = {"dropout": "model.dropout", "l2": "model.l2", "lra_factor": "lra.factor", "lra_patience": "lra.patience"}
+LOG_SCALE = {"l2"}
+INTEGER = {"lra_patience"}
+
+
+@dataclass
+class TuneConfig:
+    """The `tune:` section: the Ray Tune + Optuna experiment (xray_ray.tune).
+
+    Each searched hyperparameter is a [low, high] pair (inclusive); low == high fixes it.
+    """
+
+    name: str = "xray-tune"  # experiment name: its folder under storage_path, reports/tune/<name>, models/<name>
+    num_samples: int = 12  # trials in the experiment (the first one is the base config's point)
+    metric: str = "val_accuracy"  # val_accuracy (maximised) | val_loss (minimised)
+    seed: int = 123  # Optuna TPE sampler seed
+    startup_trials: int = 4  # TPE samples at random for this many trials before modelling
+    dropout: list = field(default_factory=lambda: [0.2, 0.6])  # uniform
+    l2: list = field(default_factory=lambda: [1e-4, 5e-2])  # log-uniform
+    lra_factor: list = field(default_factory=lambda: [0.2, 0.8])  # uniform
+    lra_patience: list = field(default_factory=lambda: [1, 3])  # integer
+    start_from_base: bool = True  # evaluate the base config's values (the origin's defaults) first
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    reuse_actors: bool = True  # a finished trial's process runs the next one: TensorFlow is imported once per process
+    storage_path: str = "tune_results"  # local folder (relative: under the working folder), shared path or s3://
+    keep_checkpoints: int = 1  # per trial, best by best_<metric>; the latest is always kept too
+    max_failures: int = 2  # retries of a failed trial (from its last checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"tune.metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.scheduler not in ("asha", "none"):
+            raise ValueError(f"tune.scheduler must be asha or none, got {self.scheduler!r}")
+        for key in SEARCHED:
+            bounds = getattr(self, key)
+            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                raise ValueError(f"tune.{key} must be [low, high], got {bounds!r}")
+            low, high = (int(b) for b in bounds) if key in INTEGER else (float(b) for b in bounds)  # YAML reads 1e-4 as text
+            if low > high or (key in LOG_SCALE and low <= 0):
+                raise ValueError(f"tune.{key}: need {'0 < ' if key in LOG_SCALE else ''}low <= high, got {bounds!r}")
+            setattr(self, key, [low, high])
+        if self.num_samples < 1 or self.keep_checkpoints < 1 or self.max_failures < 0 or self.cpus_per_trial <= 0:
+            raise ValueError("tune.num_samples and keep_checkpoints must be >= 1, max_failures >= 0, cpus_per_trial > 0")
+        if self.gpus_per_trial < 0 or self.max_concurrent_trials < 0 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("tune.gpus_per_trial and max_concurrent_trials must be >= 0, grace_period >= 1, "
+                             "reduction_factor >= 2")
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def score(self) -> str:
+        """The reported metric that ranks trials: `metric` at the epoch whose weights the trial keeps."""
+        return f"best_{self.metric}"
+
+
+
 @dataclass
 class Config:
     """All settings of a job; sections are added as the jobs that use them are."""
@@ -107,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lra: LRAConfig = field(default_factory=LRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _coerce(value: str) -> Any:

@@ -158,6 +158,8 @@ def to_tf(ds, batch_size: int, training: bool, seed: int = 123):
         local_shuffle_buffer_size=4 * batch_size if training else None,
         local_shuffle_seed=seed if training else None,
     )
+    # Ray's generator has no known length; stating it lets Keras count steps (and not warn).
+    tfds = tfds.apply(tf.data.experimental.assert_cardinality(-(-ds.count() // batch_size)))
     tfds = tfds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     if training:
         tfds = tfds.map(lambda x, y: (tf.image.random_flip_left_right(x, seed=seed), y))

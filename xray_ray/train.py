@@ -102,9 +102,14 @@ def _epoch_timer():
     return EpochTimer()
 
 
-def fit(training: TrainingData, config: Config, report_to_tune: bool = False,
+def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None,
         resume_from: str | None = None) -> TrainResult:
-    """Train with LRA (reporting each epoch to Ray Tune when asked); end with the best weights and, after training from scratch, fresh BatchNorm statistics."""
+    """Train with LRA; end with the best weights.
+
+    Outside Tune, BatchNorm statistics are then refreshed after training from scratch.
+    Under Tune (`tune_metrics` given, merged into every report) each epoch is reported
+    with a checkpoint instead, and the refresh is left to whoever exports the winner.
+    """
     import keras
 
     from xray_ray.lra import LRA
@@ -115,7 +120,7 @@ def fit(training: TrainingData, config: Config, report_to_tune: bool = False,
     cfg = config.lra
     lra = LRA(patience=cfg.patience, stop_patience=cfg.stop_patience, threshold=cfg.threshold,
               factor=cfg.factor, dwell=cfg.dwell)
-    initial_epoch = 0
+    initial_epoch, last_epoch = 0, cfg.epochs
     if resume_from:
         folder = Path(resume_from)
         model = keras.models.load_model(folder / MODEL_FILE, compile=True)
@@ -124,23 +129,27 @@ def fit(training: TrainingData, config: Config, report_to_tune: bool = False,
         state = json.loads((folder / STATE_FILE).read_text())
         lra.set_state(state["lra"], best_weights=best.get_weights())
         initial_epoch = state["epoch"]
-        log.info("resuming at epoch %d from %s", initial_epoch + 1, folder)
+        if state["stop_reason"]:  # the run had ended (LRA stop): restoring it must not train on
+            last_epoch = initial_epoch
+        log.info("resuming at epoch %d of %d from %s", initial_epoch + 1, last_epoch, folder)
     else:
         model = build_model(config.model, training.image_size, config.data.seed)
     timer = _epoch_timer()
-    callbacks = [lra, timer] + ([_tune_reporter(lra)] if report_to_tune else [])
+    under_tune = tune_metrics is not None
+    callbacks = [lra, timer] + ([_tune_reporter(lra, tune_metrics)] if under_tune else [])
     batch = config.data.batch_size
     model.fit(
         data.to_tf(training.train, batch, training=True, seed=config.data.seed),
         validation_data=data.to_tf(training.valid, batch, training=False),
-        epochs=cfg.epochs,
+        epochs=last_epoch,
         initial_epoch=initial_epoch,
         class_weight=training.class_weight,
         callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=config.train.verbose,
     )
     refreshed = 0
-    if config.model.weights == "none":
+    if config.model.weights == "none" and not under_tune:
         plain = (x for x, _ in data.to_tf(training.train, batch, training=False))
         refreshed = refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
     return TrainResult(model, lra.epochs, lra.best_epoch, lra.stop_reason, refreshed,
@@ -157,17 +166,24 @@ def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
     (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "lra": lra.get_state(), "stop_reason": lra.stop_reason}))
 
 
-def _tune_reporter(lra):
-    """A Keras callback reporting each epoch to Ray Tune, with a checkpoint to resume from."""
+def _tune_reporter(lra, extra: dict):
+    """A Keras callback reporting each epoch to Ray Tune, with a checkpoint to resume from.
+
+    Besides Keras's metrics it reports the validation figures at the LRA's best epoch
+    (`best_val_accuracy`, `best_val_loss`: what the trial's kept weights score, which is
+    what trials are ranked by) and the caller's `extra` fields.
+    """
     import keras
     import ray.tune
 
     class TuneReport(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             latest = lra.epochs[-1]
+            best = lra.epochs[lra.best_epoch - 1] if lra.best_epoch else latest
             metrics = {key: float(value) for key, value in (logs or {}).items()}
-            metrics.update(epoch=epoch + 1, lr=latest["lr"], best_epoch=lra.best_epoch,
-                           lra_action=latest["action"], stop_reason=lra.stop_reason or "")
+            metrics.update(extra, epoch=epoch + 1, lr=latest["lr"], best_epoch=lra.best_epoch,
+                           best_val_accuracy=best["val_accuracy"], best_val_loss=best["val_loss"],
+                           lra_action=latest["action"], stop_reason=lra.stop_reason or "", reported_at=time.time())
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), self.model, lra, epoch + 1)
                 ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
@@ -175,12 +191,15 @@ def _tune_reporter(lra):
     return TuneReport()
 
 
-def tune_trainable(params: dict, training: TrainingData, config: Config) -> None:
-    """Ray Tune function trainable: `params` are dotted overrides (`model.dropout`) on `config`."""
+def tune_trainable(params: dict, training: TrainingData, config: Config, extra_metrics: dict | None = None) -> None:
+    """Ray Tune function trainable: `params` are dotted overrides (`model.dropout`) on `config`.
+
+    `extra_metrics` (e.g. where the trial runs) are added to every report.
+    """
     import ray.tune
 
     checkpoint = ray.tune.get_checkpoint()
-    fit(training, with_overrides(config, params), report_to_tune=True,
+    fit(training, with_overrides(config, params), tune_metrics=extra_metrics or {},
         resume_from=checkpoint.to_directory() if checkpoint else None)
 
 
