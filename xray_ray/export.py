@@ -1,8 +1,9 @@
-"""The exported model folder: `model.keras` plus `model_card.json`, written as one unit.
+"""The exported model folder: `model.keras`, `model.onnx` and `model_card.json`, written as one unit.
 
 Serve, scoring and evaluation read only this folder, so the card carries everything they
 need to reproduce the training-time input (class order, input size, preprocessing) and
-everything a reviewer needs to trust a number (data fingerprint, metrics, versions).
+everything a reviewer needs to trust a number (data fingerprint, metrics, versions). The
+ONNX conversion and its parity check live in `onnx_export`; their figures go in the card.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from xray_ray.config import CLASS_NAMES, Config, config_to_dict
 from xray_ray.files import atomic_write_text, sha256_hex
+from xray_ray.onnx_export import ONNX_FILE, export_onnx
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
@@ -29,7 +31,7 @@ PREPROCESSING = (
 def framework_versions() -> dict[str, str]:
     """Versions of what trained (and will load) the model."""
     versions = {"python": platform.python_version()}
-    for package in ("xray-ray", "tensorflow", "keras", "ray", "numpy"):
+    for package in ("xray-ray", "tensorflow", "keras", "ray", "numpy", "onnxruntime", "tf2onnx", "onnx"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -59,11 +61,13 @@ def build_card(name: str, config: Config, *, training: dict, index_fingerprint: 
     }
 
 
-def export_model(model, folder: str | Path, card: dict, overwrite: bool = False) -> dict:
-    """Write the model and its card into `folder` atomically; returns the card with its version.
+def export_model(model, folder: str | Path, card: dict, overwrite: bool = False, onnx: bool = True) -> dict:
+    """Write the model, its ONNX conversion and its card into `folder` atomically; returns the card with its version.
 
     An existing folder is replaced only with `overwrite`, so a re-run never silently
-    destroys an earlier model.
+    destroys an earlier model. The card's `onnx` section says whether `model.onnx` passed
+    its parity check (`usable`); a failed conversion or parity check is logged as a
+    warning and listed under `warnings`, and the Keras export stands either way.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -76,6 +80,13 @@ def export_model(model, folder: str | Path, card: dict, overwrite: bool = False)
         created = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         card = {**card, "version": f"{card['name']}-{created}-{digest[:8]}", "created_at": created,
                 "files": {MODEL_FILE: {"sha256": digest}}}
+        if onnx:
+            section = export_onnx(model, staging, int(card["input"]["size"]))
+            card["onnx"] = section
+            if "sha256" in section:
+                card["files"][ONNX_FILE] = {"sha256": section["sha256"]}
+            if section.get("warning"):
+                card["warnings"] = [*card.get("warnings", []), section["warning"]]
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2))
         if folder.exists():
             retired = folder.with_name(f".{folder.name}.replaced")
