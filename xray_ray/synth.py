@@ -18,14 +18,13 @@ reads them unchanged.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from xray_ray.config import CLASS_NAMES
+from xray_ray.files import atomic_path, atomic_write_text
 
 SYNTHETIC_NOTE = "synthetic phantoms, not real X-rays"
 """One-line label that reports print next to any number measured on these images."""
@@ -149,20 +148,6 @@ def phantom(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_dataset(out_dir, per_class: int, size: int = 299, seed: int = 0) -> dict[str, int]:
     """Write `per_class` phantoms per class as `<out_dir>/<Class>/images/<Class>-<i>.png`.
 
@@ -176,7 +161,7 @@ def write_dataset(out_dir, per_class: int, size: int = 299, seed: int = 0) -> di
         raise ValueError(f"per_class must be >= 0, got {per_class}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "SYNTHETIC.txt", lambda fh: fh.write(_NOTE_TEXT.encode()))
+    atomic_write_text(out / "SYNTHETIC.txt", _NOTE_TEXT)
     counts: dict[str, int] = {}
     for class_index, label in enumerate(CLASS_NAMES):
         images = out / label / "images"
@@ -184,6 +169,7 @@ def write_dataset(out_dir, per_class: int, size: int = 299, seed: int = 0) -> di
         for i in range(1, per_class + 1):
             pixels = phantom(label, size, np.random.default_rng([seed, class_index, i]))
             png = Image.fromarray(pixels)
-            _atomic_write(images / f"{label}-{i}.png", lambda fh: png.save(fh, format="PNG", compress_level=1))
+            with atomic_path(images / f"{label}-{i}.png") as tmp:
+                png.save(tmp, format="PNG", compress_level=1)
         counts[label] = per_class
     return counts
