@@ -86,7 +86,7 @@ def test_exported_model_predicts_bytes_and_arrays_alike(compact_model, learn_ind
     np.testing.assert_allclose(from_bytes.probabilities, probabilities, rtol=0, atol=1e-6)
     np.testing.assert_allclose(from_bytes.probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert from_bytes.model_version == read_card(out)["version"]
-    assert len(set(from_bytes.labels)) >= 1 and from_bytes.probabilities.std(axis=0).max() > 0
+    assert from_bytes.probabilities.std(axis=0).max() > 1e-3, "answers do not depend on the image"
 
 
 def test_undecodable_input_never_reaches_the_model(compact_model):

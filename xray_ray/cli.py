@@ -119,7 +119,7 @@ def evaluate(
 ) -> None:
     """Evaluate an exported model on a split of an index (the split the model card's seed defines)."""
     from xray_ray import data, reports
-    from xray_ray.config import load_config
+    from xray_ray.config import Config, with_overrides
     from xray_ray.evaluate import evaluate_files
     from xray_ray.export import read_card
     from xray_ray.index import fingerprint
@@ -128,8 +128,8 @@ def evaluate(
     frame = _index(index_path)
     try:
         card = read_card(model)
-        cfg = load_config(None, [f"data.split={list(card['config']['data']['split'])}",
-                                 f"data.seed={card['config']['data']['seed']}"]).data
+        cfg = with_overrides(Config(), {"data.split": card["config"]["data"]["split"],
+                                        "data.seed": card["config"]["data"]["seed"]}).data
         part = frame[frame["readable"]] if split == "all" else data.split_index(frame, cfg.split, cfg.seed).part(split)
     except (OSError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
