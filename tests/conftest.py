@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from xray_ray.config import load_config
+
 # A Ray Data hang must fail in minutes, not the default 30; no usage stats; no auth token.
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "180")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_real"
 
 
@@ -44,3 +47,26 @@ def real_root() -> Path:
     if not (REAL_DATA / "index.csv").is_file():
         pytest.skip(f"real sample set not present at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def learn_index(ray_local, tmp_path_factory):
+    """150 phantoms per class at 96 px, indexed: enough for the compact CNN to show learning."""
+    from xray_ray import synth
+    from xray_ray.index import build_index
+
+    root = tmp_path_factory.mktemp("learn")
+    synth.write_dataset(root, per_class=150, size=96, seed=11)
+    frame, _ = build_index(root)
+    return frame
+
+
+@pytest.fixture(scope="session")
+def compact_model(learn_index, tmp_path_factory):
+    """One compact model trained, exported and evaluated through `xray-ray train`'s code path."""
+    from xray_ray.train import train_and_export
+
+    out = tmp_path_factory.mktemp("models") / "compact"
+    reports = tmp_path_factory.mktemp("reports")
+    card = train_and_export(learn_index, load_config(COMPACT_CONFIG), out, reports)
+    return out, reports, card

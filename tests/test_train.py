@@ -9,37 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import COMPACT_CONFIG
 from xray_ray.config import flat_config, load_config
 from xray_ray.export import read_card
 from xray_ray.predict import Classifier
 
 pytestmark = pytest.mark.timeout(900)
 
-COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
 COMPACT = [f"{key}={json.dumps(value)}" for key, value in flat_config(load_config(COMPACT_CONFIG)).items()]
-
-
-@pytest.fixture(scope="session")
-def learn_index(ray_local, tmp_path_factory):
-    """150 phantoms per class at 96 px, indexed: enough for the compact CNN to show learning."""
-    from xray_ray import synth
-    from xray_ray.index import build_index
-
-    root = tmp_path_factory.mktemp("learn")
-    synth.write_dataset(root, per_class=150, size=96, seed=11)
-    frame, _ = build_index(root)
-    return frame
-
-
-@pytest.fixture(scope="session")
-def compact_model(learn_index, tmp_path_factory):
-    """One compact model trained, exported and evaluated through `xray-ray train`'s code path."""
-    from xray_ray.train import train_and_export
-
-    out = tmp_path_factory.mktemp("models") / "compact"
-    reports = tmp_path_factory.mktemp("reports")
-    card = train_and_export(learn_index, load_config(None, COMPACT), out, reports)
-    return out, reports, card
 
 
 def test_compact_backbone_learns_held_out_phantoms(compact_model):
