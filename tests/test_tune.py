@@ -12,29 +12,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from xray_ray.ray_runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: its python, ray
 CI_CONFIG = "configs/tune_ci.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _short_tmp(prefix: str) -> Path:
@@ -182,40 +175,14 @@ def tiny_index(ray_local, tmp_path_factory) -> Path:
     return root
 
 
-@dataclass
-class Head:
-    gcs: str  # address for drivers (ray.init / --address)
-    dashboard: str  # address for `ray job submit`
-
-
 @pytest.fixture(scope="class")
 def ray_head():
     """A local head as a user starts one (`ray start --head`), on free ports and its own temp dir."""
-    temp = _short_tmp("xrh")
-    port, dashboard = _free_port(), _free_port()
-    log = temp / "head.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
-             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true"],
-            env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
+    from xray_ray.ray_runtime import LocalHead
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    try:
-        _wait_for(ready, 180, "the Ray head's dashboard", proc, log)
-        yield Head(gcs=f"127.0.0.1:{port}", dashboard=url)
-    finally:
-        _stop(proc, grace=5)  # a head drains for up to 30 s on SIGTERM; nothing is left to drain here
-        shutil.rmtree(temp, ignore_errors=True)
+    with LocalHead(num_cpus=2) as head:
+        yield head
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def _check_export_matches_best_trial(reports: Path, out: Path, trials: int) -> pd.DataFrame:
@@ -369,7 +336,7 @@ def _serve_cluster(folder: Path) -> None:
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        "gcs_server_port": _free_port(), "dashboard_agent_listen_port": _free_port()})
+        "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
     try:
         workers = [cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
         cluster.wait_for_nodes()

@@ -1,0 +1,144 @@
+"""The Serve endpoint under concurrent clients, dynamic batching on vs off, in one run.
+
+One exported model (EfficientNetB1 at 240 px by default, as bench_inference builds it), one
+local Ray, one Serve HTTP proxy on 127.0.0.1. For each setting the app is redeployed with
+the same replica resources and only `max_batch_size` changed (1 = batching off); the same
+PNG phantoms are POSTed to /predict by N client threads. Reported per run: requests/s,
+p50/p95/p99 latency, and the mean batch size the replica ran (from /stats). The reference
+for latency is one max-batch forward pass measured in this process on the same engine.
+The clients share the machine with the replica, as they would on a 2-core box; the table
+says so. Figures go to reports/bench/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from bench_inference import build_model_folder
+from common import print_table, save
+from PIL import Image
+
+from xray_ray import synth
+from xray_ray.config import CLASS_NAMES
+from xray_ray.export import read_card
+from xray_ray.ray_runtime import free_port
+
+
+def phantom_pngs(count: int) -> list[bytes]:
+    """`count` different 299 px phantoms, PNG-encoded as a client would upload them."""
+    images = []
+    for i in range(count):
+        gray = synth.phantom(CLASS_NAMES[i % 4], 299, np.random.default_rng([5, i]))
+        buffer = io.BytesIO()
+        Image.fromarray(gray).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
+    """`requests` POSTs from `clients` threads; throughput and latency percentiles."""
+    def one(i: int) -> float:
+        began = time.perf_counter()
+        response = client.post(f"{url}/predict", content=images[i % len(images)],
+                               headers={"Content-Type": "image/png"})
+        response.raise_for_status()
+        return (time.perf_counter() - began) * 1000
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    with httpx.Client(timeout=300, limits=limits) as client, ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up: connections open, replica's first batches done
+        before = client.get(f"{url}/stats").json()
+        started = time.perf_counter()
+        latencies = list(pool.map(one, range(requests)))
+        seconds = time.perf_counter() - started
+        after = client.get(f"{url}/stats").json()
+    batches = after["batches"] - before["batches"]
+    return {"req_per_s": requests / seconds,
+            "p50_ms": float(np.percentile(latencies, 50)), "p95_ms": float(np.percentile(latencies, 95)),
+            "p99_ms": float(np.percentile(latencies, 99)),
+            "mean_batch": (after["images"] - before["images"]) / batches if batches else 0.0}
+
+
+def max_batch_forward_ms(model_dir: Path, batch: int, threads: int, repeats: int = 5) -> float:
+    """Median time of one forward pass at the max batch size, same engine and threads as the replica."""
+    from xray_ray.predict import Classifier
+
+    classifier = Classifier(model_dir, threads=threads)
+    x = np.random.default_rng(0).uniform(0, 255, (batch, classifier.image_size, classifier.image_size, 3))
+    classifier.predict_arrays(x)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        classifier.predict_arrays(x)
+        times.append((time.perf_counter() - began) * 1000)
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, help="exported model folder to serve (built when missing)")
+    parser.add_argument("--size", type=int, default=240, help="input size of the model built when --model is absent")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--requests", type=int, default=192, help="timed requests per run")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--wait-ms", type=float, default=20.0, help="batch wait timeout")
+    parser.add_argument("--replica-cpus", type=float, default=2.0)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from xray_ray import serve as serving
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or Path(tmp) / "effb1"
+        card = read_card(folder) if folder.exists() else build_model_folder(folder, args.size, 16)[0]
+        reference_ms = max_batch_forward_ms(folder, args.max_batch, int(args.replica_cpus))
+        images = phantom_pngs(64)
+        ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        rows = []
+        try:
+            for max_batch in (args.max_batch, 1):
+                settings = serving.ServeSettings(model=str(folder), max_batch_size=max_batch,
+                                                 batch_wait_timeout_s=args.wait_ms / 1000,
+                                                 max_ongoing_requests=2 * args.max_batch,
+                                                 num_cpus=args.replica_cpus)
+                serving.start(settings, port=port)
+                for clients in args.clients:
+                    result = load(url, images, clients, args.requests)
+                    rows.append({"batching": "on" if max_batch > 1 else "off", "max_batch": max_batch,
+                                 "clients": clients, **result})
+                    print_table(rows[-1:])
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    engine = f"{card['backbone']} {card['input']['size']} px"
+    on = {r["clients"]: r for r in rows if r["batching"] == "on"}
+    off = {r["clients"]: r for r in rows if r["batching"] == "off"}
+    most = max(args.clients)
+    ratio = on[most]["req_per_s"] / off[most]["req_per_s"]
+    print_table(rows)
+    print(f"{engine}; batching on/off throughput at {most} clients: {ratio:.2f}x (goal >= 3); "
+          f"p99 with batching {on[most]['p99_ms']:.0f} ms vs one max-batch ({args.max_batch}) forward "
+          f"{reference_ms:.0f} ms: {on[most]['p99_ms'] / reference_ms:.2f}x (goal <= 2). "
+          f"Clients ran on the same {args.replica_cpus:g}-CPU machine as the replica.")
+    print("saved", save("serve", {
+        "model": {"backbone": card["backbone"], "image_size": card["input"]["size"], "version": card["version"]},
+        "replica_cpus": args.replica_cpus, "max_batch": args.max_batch, "wait_ms": args.wait_ms,
+        "requests_per_run": args.requests, "data": synth.SYNTHETIC_NOTE, "rows": rows,
+        "throughput_ratio_on_off": ratio, "max_batch_forward_ms": reference_ms,
+        "p99_over_max_batch_forward": on[most]["p99_ms"] / reference_ms,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""cluster.yaml is a valid Ray cluster-launcher config, with the shape the README promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+@pytest.fixture()
+def config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_passes_rays_own_schema(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))  # ray/autoscaler/ray-schema.json, plus Ray's own checks
+
+
+def test_schema_check_can_fail(config):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config["available_node_types"]["gpu_worker"]["min_workers"] = "zero"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))
+
+
+def test_gpu_workers_scale_from_zero_on_pinned_ray_images(config):
+    import ray
+
+    workers = config["available_node_types"]["gpu_worker"]
+    assert config["provider"]["type"] == "aws"
+    assert workers["min_workers"] == 0 and workers["max_workers"] >= 1
+    assert config["head_node_type"] == "head"
+    for image in (config["docker"]["image"], config["docker"]["head_image"]):
+        assert image.startswith(f"rayproject/ray:{ray.__version__}-") and "ray-ml" not in image
+    assert config["docker"]["image"].endswith("-gpu")
+    assert any("[gpu]" in command for command in config["worker_setup_commands"])
+    assert "CHANGE" in CLUSTER_YAML.read_text()
+
+
+def test_dashboard_stays_on_the_heads_loopback(config):
+    (command,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in command and "--disable-usage-stats" in command
