@@ -371,7 +371,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _class_rows(evaluation: Evaluation) -> list[dict]:
+def class_rows(evaluation: Evaluation) -> list[dict]:
     """Per-class rows in plain words; a rate with nothing to count shows as a dash."""
     cm = evaluation.confusion
     rows = []
@@ -405,7 +405,7 @@ def write_training_report(folder: str | Path, *, title: str, evaluation: Evaluat
             Text(f"The model assigned the true class to {correct} of the {evaluation.n} images evaluated."),
         ]),
         Section("Results by class", [
-            Table(_class_rows(evaluation)),
+            Table(class_rows(evaluation)),
             Text("Recall (sensitivity): of the images truly in a class, the share the model found. "
                  "Precision: of the images the model put in a class, the share that truly belong there. "
                  "F1 combines the two (1.00 is perfect)."),

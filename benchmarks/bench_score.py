@@ -1,0 +1,218 @@
+"""Archive scoring throughput and memory: model alone vs a seed-style loop vs the Ray Data job.
+
+Same exported model, same N synthetic phantom PNGs (299 px, like the database), one run:
+
+1. model only: the images decoded and preprocessed beforehand, then `Classifier.predict_arrays`
+   in batches of 32 (the engine's ceiling on this machine);
+2. seed-style loop: one process that, batch after batch, opens each file with PIL,
+   converts and resizes it, then predicts: decoding and inference never overlap;
+3. the scoring job end to end (`xray_ray.score.score`, actors backend, on a local Ray started
+   beforehand as `ray job submit` finds one), from the call to the written report.
+
+Each ratio uses images/s; 3/1 >= 0.9 means reading and decoding are hidden behind inference.
+Memory: the job scores 2,000 and then 20,000 files (hard links to the same phantoms, each
+scored as its own file) in fresh Ray instances, while the proportional set size (PSS, so
+shared object-store pages count once) of the driver plus every Ray process it started is
+sampled; flat memory means the peak barely moves with archive size. The model is an
+EfficientNetB1 at 240 px (from scratch, one epoch on phantoms, as bench_inference builds it).
+Figures go to reports/bench/score.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_inference import build_model_folder
+from common import ROOT, print_table, save
+from PIL import Image
+
+from xray_ray import imaging, synth
+from xray_ray.export import read_card
+
+
+def _pss_mb(pid: int) -> float:
+    """Proportional set size of one process in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process it started, directly or not."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [pid], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
+               batch: int, engine: str) -> None:
+    """Runs in a fresh process: start a local Ray, then time one scoring run of `archive`."""
+    import ray
+
+    from xray_ray.score import ScoreOptions, score
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"),
+             log_to_driver=False)
+    started = time.perf_counter()
+    summary = score(ScoreOptions(archives=[archive], model=model, out=out, run="bench", actors=actors, engine=engine,
+                                 cpus_per_actor=cpus_per_actor, read_cpus=read_cpus, batch_size=batch))
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    print(json.dumps({"seconds": seconds, "files": summary["files"], "scored": summary["scored"],
+                      "engines": summary["engines"], "steady_img_s": steady_rate(Path(out) / "bench")}))
+
+
+def steady_rate(run: Path) -> float | None:
+    """Images/s between the first and the last committed part: throughput once the actors are up."""
+    import pandas as pd
+
+    parts = sorted((run / "predictions").glob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
+    if len(parts) < 3:
+        return None
+    rows = sum(len(pd.read_parquet(p, columns=["path"])) for p in parts[1:])
+    return rows / (parts[-1].stat().st_mtime - parts[0].stat().st_mtime)
+
+
+def run_job(args, archive: Path, model: Path, engine: str) -> dict:
+    """Score `archive` in a fresh process while sampling the PSS of its process tree; returns figures."""
+    with tempfile.TemporaryDirectory() as out:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--job-worker", str(archive), str(model), out, str(args.actors),
+             str(args.cpus_per_actor), str(args.read_cpus), str(args.batch), engine],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+        peak = {"tree_pss_mb": 0.0, "driver_pss_mb": 0.0}
+
+        def sample():
+            while process.poll() is None:
+                peak["driver_pss_mb"] = max(peak["driver_pss_mb"], _pss_mb(process.pid))
+                peak["tree_pss_mb"] = max(peak["tree_pss_mb"], sum(_pss_mb(p) for p in _tree(process.pid)))
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, stderr = process.communicate()
+        sampler.join()
+        if process.returncode:
+            raise SystemExit(f"scoring job failed:\n{stderr[-3000:]}")
+        return {**json.loads(stdout.strip().splitlines()[-1]), **peak}
+
+
+def model_only(classifier, inputs: np.ndarray, batch: int) -> float:
+    """Images/s of predict_arrays on preloaded, preprocessed inputs."""
+    classifier.predict_arrays(inputs[:batch])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(inputs), batch):
+        classifier.predict_arrays(inputs[start:start + batch])
+    return len(inputs) / (time.perf_counter() - started)
+
+
+def seed_loop(classifier, paths: list[Path], batch: int) -> float:
+    """Images/s of the seed's way: PIL-decode a batch, then predict it, one after the other."""
+    size = classifier.image_size
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch):
+        images = [np.asarray(Image.open(p).convert("L").resize((size, size), Image.Resampling.BILINEAR),
+                             dtype=np.float32) for p in paths[start:start + batch]]
+        classifier.predict_arrays(np.repeat(np.stack(images)[..., np.newaxis], 3, axis=3))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def linked_archive(folder: Path, sources: list[Path], files: int) -> Path:
+    """`files` hard links named apart, cycling over `sources`: a big archive without the disk space."""
+    folder.mkdir(parents=True)
+    for i in range(files):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        os.link(sources[i % len(sources)], sub / f"img{i:06d}.png")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=512, help="phantoms in the throughput comparison")
+    parser.add_argument("--size", type=int, default=240, help="model input size (EfficientNetB1's)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--read-cpus", type=float, default=0.5)
+    parser.add_argument("--memory-files", default="2000,20000", help="archive sizes for the memory comparison")
+    parser.add_argument("--keras", action="store_true", help="also measure 1 and 3 with the Keras engine")
+    parser.add_argument("--model", type=Path, help="reuse this exported folder (built there when missing)")
+    parser.add_argument("--job-worker", nargs=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job_worker:
+        a = args.job_worker
+        job_worker(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), int(a[6]), a[7])
+        return
+    from xray_ray.predict import Classifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or tmp / "effb1"
+        if not model.exists():
+            build_model_folder(model, args.size, train_images=16)
+        card = read_card(model)
+        synth.write_dataset(tmp / "archive", per_class=args.images // 4, size=299, seed=3)
+        paths = sorted((tmp / "archive").glob("*/images/*.png"))
+        inputs = np.stack([imaging.decode_and_preprocess(p.read_bytes(), card["input"]["size"]) for p in paths])
+        rows = []
+        for engine in ["onnxruntime", *(["keras"] if args.keras else [])]:
+            classifier = Classifier(model, engine=engine)
+            one = model_only(classifier, inputs, args.batch)
+            two = seed_loop(classifier, paths, args.batch) if engine == "onnxruntime" else None
+            del classifier
+            job = run_job(args, tmp / "archive", model, engine)
+            three = job["scored"] / job["seconds"]
+            rows.append({"engine": engine, "images": len(paths), "model_only_img_s": one,
+                         "seed_loop_img_s": two or "-", "job_img_s": three, "job_s": job["seconds"],
+                         "ratio_3_1": three / one, "ratio_3_2": three / two if two else "-",
+                         "job_steady_img_s": job["steady_img_s"] or "-"})
+        print_table(rows)
+        memory = []
+        for files in (int(n) for n in args.memory_files.split(",")):
+            job = run_job(args, linked_archive(tmp / f"linked{files}", paths, files), model, "onnxruntime")
+            memory.append({"files": files, "job_img_s": job["scored"] / job["seconds"], "job_s": job["seconds"],
+                           "job_steady_img_s": job["steady_img_s"] or "-",
+                           "peak_driver_pss_mb": job["driver_pss_mb"], "peak_total_pss_mb": job["tree_pss_mb"]})
+        print_table(memory)
+        growth = memory[-1]["peak_total_pss_mb"] / memory[0]["peak_total_pss_mb"] - 1 if len(memory) > 1 else None
+        if growth is not None:
+            print(f"peak memory {memory[-1]['files']} vs {memory[0]['files']} files: {growth:+.1%}")
+        print(f"model {card['version']} ({card.get('backbone', 'efficientnetb1')}, {card['input']['size']} px); "
+              f"{args.actors} actor(s) x {args.cpus_per_actor} CPU, read tasks {args.read_cpus} CPU; "
+              f"{synth.SYNTHETIC_NOTE}")
+        print("saved", save("score", {
+            "model": {"version": card["version"], "image_size": card["input"]["size"],
+                      "weights": "none, 1 epoch on phantoms, BN refreshed"},
+            "settings": {"batch": args.batch, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
+                         "read_cpus": args.read_cpus},
+            "data": synth.SYNTHETIC_NOTE, "throughput": rows, "memory": memory, "memory_growth": growth}))
+
+
+if __name__ == "__main__":
+    main()
