@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 PER_CLASS ?= 150
+BACKBONE ?=
+DATA ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE ?= disabled
@@ -20,10 +22,8 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/xray-ray synth $(DEMO_DIR)/phantoms --per-class $(PER_CLASS) --size 299 --seed 0
-	$(BIN)/xray-ray index $(DEMO_DIR)/phantoms --out $(DEMO_DIR)/index.parquet
-	$(BIN)/xray-ray train --index $(DEMO_DIR)/index.parquet --out $(DEMO_DIR)/models/compact \
-		--config configs/compact_cpu.yaml --report-dir $(DEMO_DIR)/reports/train --overwrite
+	$(BIN)/xray-ray demo --out $(DEMO_DIR) --per-class $(PER_CLASS) \
+		$(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(DATA),--data $(DATA))
 
 test: setup
 	$(BIN)/python -m pytest

@@ -224,5 +224,161 @@ def tune(
     typer.echo(f"report: {experiment.report_dir / 'index.html'}")
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops a long-running command as Ctrl-C does, so it cleans up what it started."""
+    raise KeyboardInterrupt
+
+
+@app.command("serve")
+def serve_model(
+    model: Path = typer.Option(..., "--model", help="Exported model folder (model.keras, model.onnx, model_card.json)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; anything but loopback exposes the endpoint "
+                             "to the network (put it behind a firewall and set a token)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    engine: str = typer.Option("auto", help="auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras."),
+    max_batch_size: int = typer.Option(16, min=1, help="Largest dynamic batch."),
+    batch_wait_ms: float = typer.Option(20.0, min=0, help="How long a batch waits to fill, in milliseconds."),
+    replicas: int = typer.Option(1, min=1, help="Replicas, each with its own copy of the model."),
+    num_cpus: float = typer.Option(1.0, help="CPUs per replica (ONNX Runtime uses that many threads)."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per replica."),
+    max_body_mb: float = typer.Option(64.0, help="Largest request body accepted (413 beyond)."),
+    token_file: Path = typer.Option(None, help="File holding a bearer token required on every endpoint but /healthz "
+                                    "(or set $XRAY_RAY_SERVE_TOKEN where the replicas run)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a "
+                                "local Ray is started and stopped with this command)."),
+) -> None:
+    """Serve a model over HTTP with Ray Serve until interrupted (Ctrl-C)."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from xray_ray import serve as serving
+    from xray_ray.ray_runtime import ensure_ray
+
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    try:
+        settings = serving.ServeSettings(
+            model=str(model.resolve()), engine=engine, max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_ms / 1000, num_replicas=replicas, num_cpus=num_cpus,
+            num_gpus=num_gpus, max_body_mb=max_body_mb,
+            token_file=str(token_file.resolve()) if token_file else None)
+        serving.read_token(settings.token_file)  # an empty or missing token file fails here, not in a replica
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    ensure_ray()
+    serving.start(settings, host=host, port=port)
+    typer.echo(f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
+               "GET /model, GET /stats); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        serve.delete(serving.APP_NAME)
+        ray.shutdown()  # stops the local Ray this command started; a cluster keeps running
+
+
+@app.command("score")
+def score(
+    archives: list[Path] = typer.Option(..., "--archive", help="Archive folder to score, any depth and layout "
+                                        "(repeatable). PNG, JPEG, TIFF, BMP, .dcm, and DICOM files without extension."),
+    model: Path = typer.Option(None, "--model", help="Exported model folder, e.g. models/NAME (required with "
+                               "--backend actors)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: one dated run folder per night, plus the ledger."),
+    backend: str = typer.Option("actors", "--backend", help="actors: the job's own Classifier actors; serve: the "
+                                "running Serve application's replicas."),
+    engine: str = typer.Option("auto", "--engine", help="auto, onnxruntime or keras (actors backend)."),
+    actors: int = typer.Option(1, "--actors", help="Scoring actors (each holds one copy of the model)."),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="CPUs Ray reserves per actor."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per actor (fractions share a GPU)."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per actor; 0: the node's CPUs / actors."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
+    read_cpus: float = typer.Option(0.5, "--read-cpus", help="CPUs Ray reserves per read/decode task."),
+    labels: Path = typer.Option(None, "--labels", help="CSV with columns path (or file_path, relative to the CSV) "
+                                "and label: the true classes, for accuracy. Class folders are used otherwise."),
+    review_threshold: float = typer.Option(0.6, "--review-threshold", help="Answers less confident than this are "
+                                           "listed for review."),
+    top_n: int = typer.Option(10, "--top-n", help="Most confident images listed per class."),
+    run: str = typer.Option(None, "--run", help="Run folder name (default: today's date)."),
+    commit_rows: int = typer.Option(1000, "--commit-rows", help="Rows per committed predictions part."),
+    files_per_task: int = typer.Option(256, "--files-per-task", help="Files per read task: the unit in which "
+                                       "results arrive and are committed."),
+    address: str = typer.Option(None, "--address", help="Ray cluster (default RAY_ADDRESS; else a local Ray)."),
+) -> None:
+    """Score archive folders with the model: predictions, ledger and a per-class report per run.
+
+    Exit code 0 when the run completed (bad files become error rows), 2 for a bad configuration, 3 for an
+    unusable model (or no running Serve app), 4 for an unreachable archive.
+    """
+    import os
+
+    from xray_ray.score import ScoreError, ScoreOptions
+    from xray_ray.score import score as run_scoring
+
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not logging.getLogger("xray_ray").level:  # run as jobs/score.py, without the app's --quiet callback
+        logging.getLogger("xray_ray").setLevel(logging.INFO)
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    options = ScoreOptions(
+        archives=[str(a) for a in archives], out=str(out), model=str(model) if model else None, backend=backend,
+        engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
+        batch_size=batch_size, read_cpus=read_cpus, labels=str(labels) if labels else None,
+        review_threshold=review_threshold, top_n=top_n, run=run, commit_rows=commit_rows,
+        files_per_task=files_per_task)
+    try:
+        summary = run_scoring(options)
+    except ScoreError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code)
+    synthetic = " (synthetic phantoms, not real X-rays)" if summary["synthetic_data"] else ""
+    typer.echo(f"run {summary['run']}: {summary['scored']} images scored, {summary['errors']} unreadable, "
+               f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']}){synthetic}")
+    typer.echo("  " + ", ".join(f"{name}: {count}" for name, count in summary["per_class"].items()))
+    if summary["ground_truth"]:
+        typer.echo(f"  accuracy {summary['ground_truth']['accuracy']:.3f} on {summary['ground_truth']['n']} images "
+                   f"with a known class ({summary['ground_truth']['source']})")
+    typer.echo(f"report: {Path(out) / summary['run'] / 'report' / 'index.html'}")
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo writes."),
+    backbone: str = typer.Option(None, "--backbone", help="compact (learns from scratch on a CPU; the default on "
+                                 "synthetic data) or efficientnetb1 (the origin's network; the default with --data)."),
+    data: Path = typer.Option(None, "--data", help="A real COVID-19 Radiography Database folder instead of "
+                              "synthetic phantoms (real-size settings: configs/tune_real.yaml)."),
+    per_class: int = typer.Option(150, min=4, help="Synthetic phantoms per class."),
+    archive_per_class: int = typer.Option(10, min=1, help="Synthetic archive images per class to score."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a tuning setting, e.g. --set tune.num_samples=2 "
+                                        "(repeatable)."),
+) -> None:
+    """Run the whole system once: synthesize, index, tune, export, score an archive, serve; then stop it all."""
+    from xray_ray.demo import DemoError, DemoOptions, run_demo
+
+    if backbone not in (None, "compact", "efficientnetb1"):
+        typer.echo(f"error: --backbone must be compact or efficientnetb1, got {backbone!r}", err=True)
+        raise typer.Exit(2)
+    if data is not None and not data.is_dir():
+        typer.echo(f"error: dataset folder not found: {data}", err=True)
+        raise typer.Exit(2)
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the head and Serve on `kill` too
+    try:
+        run_demo(DemoOptions(out=out, backbone=backbone, data=data, per_class=per_class,
+                             archive_per_class=archive_per_class, tune_overrides=list(overrides or [])))
+    except DemoError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -69,7 +69,11 @@ class LocalHead:
                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats", f"--num-cpus={self.num_cpus}",
                    "--num-gpus=0", "--include-dashboard=true"]
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the head on loopback
+        # Ray on Linux swaps 127.0.0.1 for the machine's address unless this is "0"; a driver
+        # connecting to this head needs the same setting before it imports Ray.
+        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Jobs submitted here run `python ...`: this interpreter's, with this project installed.
+        env["PATH"] = os.pathsep.join([str(ray_cli.parent), env.get("PATH", "")])
         log = open(self.temp_dir / "head.log", "w")
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
