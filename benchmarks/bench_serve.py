@@ -1,10 +1,11 @@
-"""The Serve endpoint under concurrent clients, dynamic batching on vs off, in one run.
+"""The Serve endpoint under concurrent clients, dynamic batching on vs off, per engine, in one run.
 
 One exported model (EfficientNetB1 at 240 px by default, as bench_inference builds it), one
 local Ray, one Serve HTTP proxy on 127.0.0.1. For each setting the app is redeployed with
 the same replica resources and only `max_batch_size` changed (1 = batching off); the same
 PNG phantoms are POSTed to /predict by N client threads. Reported per run: requests/s,
-p50/p95/p99 latency, and the mean batch size the replica ran (from /stats). The reference
+p50/p95/p99 latency, the mean batch size the replica ran (from /stats) and the replica's
+resident memory (from /model). The batching goal is checked on the first engine; the reference
 for latency is one max-batch forward pass measured in this process on the same engine.
 The clients share the machine with the replica, as they would on a 2-core box; the table
 says so. Figures go to reports/bench/serve.json.
@@ -66,11 +67,11 @@ def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
             "mean_batch": (after["images"] - before["images"]) / batches if batches else 0.0}
 
 
-def max_batch_forward_ms(model_dir: Path, batch: int, threads: int, repeats: int = 5) -> float:
+def max_batch_forward_ms(model_dir: Path, batch: int, threads: int, engine: str, repeats: int = 5) -> float:
     """Median time of one forward pass at the max batch size, same engine and threads as the replica."""
     from xray_ray.predict import Classifier
 
-    classifier = Classifier(model_dir, threads=threads)
+    classifier = Classifier(model_dir, engine=engine, threads=threads)
     x = np.random.default_rng(0).uniform(0, 255, (batch, classifier.image_size, classifier.image_size, 3))
     classifier.predict_arrays(x)
     times = []
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--wait-ms", type=float, default=20.0, help="batch wait timeout")
     parser.add_argument("--replica-cpus", type=float, default=2.0)
+    parser.add_argument("--engines", nargs="+", default=["onnxruntime", "keras"])
     args = parser.parse_args()
 
     import ray
@@ -100,34 +102,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or Path(tmp) / "effb1"
         card = read_card(folder) if folder.exists() else build_model_folder(folder, args.size, 16)[0]
-        reference_ms = max_batch_forward_ms(folder, args.max_batch, int(args.replica_cpus))
+        reference_ms = max_batch_forward_ms(folder, args.max_batch, int(args.replica_cpus), args.engines[0])
         images = phantom_pngs(64)
         ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, log_to_driver=False)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         rows = []
         try:
-            for max_batch in (args.max_batch, 1):
-                settings = serving.ServeSettings(model=str(folder), max_batch_size=max_batch,
+            for engine, max_batch in ((e, b) for e in args.engines for b in (args.max_batch, 1)):
+                settings = serving.ServeSettings(model=str(folder), engine=engine, max_batch_size=max_batch,
                                                  batch_wait_timeout_s=args.wait_ms / 1000,
                                                  max_ongoing_requests=2 * args.max_batch,
                                                  num_cpus=args.replica_cpus)
                 serving.start(settings, port=port)
                 for clients in args.clients:
                     result = load(url, images, clients, args.requests)
-                    rows.append({"batching": "on" if max_batch > 1 else "off", "max_batch": max_batch,
-                                 "clients": clients, **result})
+                    runtime = httpx.get(f"{url}/model", timeout=60).json()["runtime"]
+                    rows.append({"engine": engine, "batching": "on" if max_batch > 1 else "off",
+                                 "max_batch": max_batch, "clients": clients, **result,
+                                 "replica_rss_mb": runtime["rss_mb"], "imports_tf": runtime["tensorflow_imported"]})
                     print_table(rows[-1:])
         finally:
             serve.shutdown()
             ray.shutdown()
-    engine = f"{card['backbone']} {card['input']['size']} px"
-    on = {r["clients"]: r for r in rows if r["batching"] == "on"}
-    off = {r["clients"]: r for r in rows if r["batching"] == "off"}
+    engine = args.engines[0]
+    model = f"{card['backbone']} {card['input']['size']} px, {engine}"
+    on = {r["clients"]: r for r in rows if r["batching"] == "on" and r["engine"] == engine}
+    off = {r["clients"]: r for r in rows if r["batching"] == "off" and r["engine"] == engine}
     most = max(args.clients)
     ratio = on[most]["req_per_s"] / off[most]["req_per_s"]
     print_table(rows)
-    print(f"{engine}; batching on/off throughput at {most} clients: {ratio:.2f}x (goal >= 3); "
+    print(f"{model}; batching on/off throughput at {most} clients: {ratio:.2f}x (goal >= 3); "
           f"p99 with batching {on[most]['p99_ms']:.0f} ms vs one max-batch ({args.max_batch}) forward "
           f"{reference_ms:.0f} ms: {on[most]['p99_ms'] / reference_ms:.2f}x (goal <= 2). "
           f"Clients ran on the same {args.replica_cpus:g}-CPU machine as the replica.")

@@ -104,6 +104,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
@@ -219,7 +230,7 @@ class XrayClassifier:
         """The model card, the engine answering, and how this replica serves."""
         self._authorize(request)
         serving = {key: value for key, value in asdict(self.settings).items() if key != "token_file"}
-        return {"card": self.classifier.card, "runtime": {**self.classifier.describe(),
+        return {"card": self.classifier.card, "runtime": {**self.classifier.describe(), "rss_mb": resident_mb(),
                 "tensorflow_imported": "tensorflow" in sys.modules}, "serving": serving}
 
     @api.get("/stats")
