@@ -329,3 +329,25 @@ def test_cli_serve_refuses_bad_settings_before_starting_ray(compact_model, args,
         args = ["--model", str(compact_model[0]), *args]
     result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_scoring_through_serve_gives_the_actor_backends_predictions(served, compact_model, phantom_root, tmp_path):
+    """The scoring job's `serve` backend reaches this app's replicas and answers as its own actors do."""
+    from xray_ray.score import ScoreOptions, read_predictions, score
+    from xray_ray.score_pipeline import PROBABILITY_COLUMNS
+
+    frames = {}
+    for backend in ("actors", "serve"):
+        out = tmp_path / backend
+        summary = score(ScoreOptions(archives=[str(phantom_root)], out=str(out), backend=backend,
+                                     model=str(compact_model[0]) if backend == "actors" else None,
+                                     cpus_per_actor=0.5, batch_size=8))
+        frames[backend] = read_predictions(out / summary["run"]).sort_values("path", ignore_index=True)
+    actors, served_rows = frames["actors"], frames["serve"]
+    assert len(actors) == len(served_rows) == 4 * 12 and (actors["status"] == "ok").all()
+    assert list(actors["path"]) == list(served_rows["path"])
+    assert list(actors["predicted_label"]) == list(served_rows["predicted_label"])
+    probability_columns = list(PROBABILITY_COLUMNS.values())
+    np.testing.assert_allclose(served_rows[probability_columns].to_numpy(float),
+                               actors[probability_columns].to_numpy(float), atol=1e-5)
+    assert set(served_rows["model_version"]) == set(actors["model_version"])
