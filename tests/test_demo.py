@@ -50,6 +50,11 @@ def test_demo_leaves_every_artefact(demo_run):
     card = json.loads((model / "model_card.json").read_text())
     assert (model / "model.keras").is_file() and card["onnx"]["usable"]
     assert card["metrics"]["test"]["n"] > 0
+    test_report = out / "reports" / "tune" / "best_model"
+    assert json.loads((test_report / "classification_report.json").read_text())["n"] == card["metrics"]["test"]["n"]
+    for page in (test_report / "index.html", out / "reports" / "tune" / "index.html"):
+        assert page.stat().st_size > 1000
+    assert (test_report / "confusion_matrix.png").stat().st_size > 5000
     scored = json.loads((out / "scores" / "demo" / "report" / "summary.json").read_text())
     assert scored["scored"] == 4 * 2 and scored["errors"] == 3
     assert scored["ground_truth"]["n"] == 4 * 2

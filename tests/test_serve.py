@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -237,6 +238,12 @@ def test_bearer_token_guards_every_endpoint_but_health(served, compact_model, ph
         assert post_image(url, image, headers=good).status_code == 200
         assert httpx.get(f"{url}/model", headers=good).status_code == 200
         assert token_file.name not in httpx.get(f"{url}/model", headers=good).text
+        (readme_token_curl,) = [c for c in readme_curl_commands() if "Authorization" in c]
+        command = readme_token_curl.replace("/etc/xray-ray/token", str(token_file)).replace(
+            "http://127.0.0.1:8000", url)
+        done = subprocess.run(["bash", "-c", command + " --fail-with-body --silent"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout)["card"]["version"], done.stdout
     finally:
         serve.delete("xray-ray-secure")
     assert not logs_containing(token)
@@ -351,3 +358,33 @@ def test_scoring_through_serve_gives_the_actor_backends_predictions(served, comp
     np.testing.assert_allclose(served_rows[probability_columns].to_numpy(float),
                                actors[probability_columns].to_numpy(float), atol=1e-5)
     assert set(served_rows["model_version"]) == set(actors["model_version"])
+
+
+def readme_curl_commands() -> list[str]:
+    """The README's curl examples for the Serve endpoints, as printed there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Serving single studies"):]
+    return [line for line in section.split("```")[3].splitlines() if line.startswith("curl ")]
+
+
+def test_readme_curl_examples_work_literally(served, tmp_path):
+    """Each curl line of the README, run by a shell against this app (only host, port and files swapped in)."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    files = {"chest.png": good_files()["gray8.png"][0], "study.dcm": good_files()["dicom_mono2.dcm"][0],
+             "a.png": good_files()["gray.jpg"][0], "b.dcm": good_files()["dicom_mono1.dcm"][0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    commands = readme_curl_commands()
+    assert len(commands) >= 4
+    for command in commands:
+        if "Authorization" in command:
+            continue  # the token example: the token test covers the header against a guarded app
+        command = command.replace("http://127.0.0.1:8000", served)
+        done = subprocess.run(["bash", "-c", command + " --fail-with-body --silent --show-error"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        answer = json.loads(done.stdout)
+        assert "label" in answer or "results" in answer or answer.get("status") == "ok", answer
