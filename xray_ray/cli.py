@@ -271,11 +271,11 @@ def serve_model(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     ensure_ray()
-    serving.start(settings, host=host, port=port)
-    typer.echo(f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
-               "GET /model, GET /stats); Ctrl-C stops")
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own SIGTERM handler aborts the process
     try:
+        serving.start(settings, host=host, port=port)
+        typer.echo(f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
+                   "GET /model, GET /stats); Ctrl-C stops")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -371,7 +371,7 @@ def demo(
         raise typer.Exit(2)
     import signal
 
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the head and Serve on `kill` too
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the head and Serve on `kill` too (run_demo keeps it)
     try:
         run_demo(DemoOptions(out=out, backbone=backbone, data=data, per_class=per_class,
                              archive_per_class=archive_per_class, tune_overrides=list(overrides or [])))

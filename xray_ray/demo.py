@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,7 +134,9 @@ def run_demo(options: DemoOptions) -> dict:
     try:
         with stages("start_ray", "start a local Ray head (127.0.0.1, dashboard and job API included)"):
             head.start()
+            on_sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=head.gcs, log_to_driver=False)
+            signal.signal(signal.SIGTERM, on_sigterm)  # ray.init's own handler would abort, leaving the head behind
             print(f"    dashboard and job API: {head.dashboard}")
         with stages("index", f"index {root} on Ray Data"):
             frame, _ = indexing.build_index(root)
