@@ -310,6 +310,8 @@ def score(
     commit_rows: int = typer.Option(1000, "--commit-rows", help="Rows per committed predictions part."),
     files_per_task: int = typer.Option(256, "--files-per-task", help="Files per read task: the unit in which "
                                        "results arrive and are committed."),
+    object_store_mb: int = typer.Option(256, "--object-store-mb", help="Object-store budget (MB) for decoded "
+                                        "images waiting for the model; keeps memory flat in archive size."),
     address: str = typer.Option(None, "--address", help="Ray cluster (default RAY_ADDRESS; else a local Ray)."),
 ) -> None:
     """Score archive folders with the model: predictions, ledger and a per-class report per run.
@@ -332,7 +334,7 @@ def score(
         engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
         batch_size=batch_size, read_cpus=read_cpus, labels=str(labels) if labels else None,
         review_threshold=review_threshold, top_n=top_n, run=run, commit_rows=commit_rows,
-        files_per_task=files_per_task)
+        files_per_task=files_per_task, object_store_mb=object_store_mb)
     try:
         summary = run_scoring(options)
     except ScoreError as err:

@@ -68,6 +68,7 @@ class ScoreOptions:
     run: str | None = None  # run folder name; default today's date
     commit_rows: int = 1000  # rows per committed predictions part (at least one task's files)
     files_per_task: int = 256  # files per read task; results arrive (and are committed) a task at a time
+    object_store_mb: int = 256  # cap on decoded inputs waiting for the model: memory stays flat in archive size
 
     def check(self) -> None:
         """Raise ScoreError(exit 2) for a setting that cannot work."""
@@ -80,7 +81,7 @@ class ScoreOptions:
             problems.append("--model is required with the actors backend")
         if self.engine not in ("auto", "onnxruntime", "keras"):
             problems.append(f"--engine must be auto, onnxruntime or keras, not {self.engine!r}")
-        for name in ("actors", "batch_size", "top_n", "commit_rows", "files_per_task"):
+        for name in ("actors", "batch_size", "top_n", "commit_rows", "files_per_task", "object_store_mb"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
         if self.threads < 0 or self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.read_cpus <= 0:
@@ -233,6 +234,10 @@ def _score_files(options: ScoreOptions, files: Path, info: ModelInfo, known, fol
                         batch_size=1, batch_format="numpy", num_cpus=options.read_cpus)
     ds = ds.map_batches(scorer, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=options.actors), **resources)
+    # Reading outruns inference: uncapped, decoded inputs would pile up in the object store in
+    # proportion to the archive. A fixed budget makes the reads wait instead.
+    execution = ds.context.execution_options
+    execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.object_store_mb * 2**20)
     written, pending, rows = 0, [], 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         pending.append(batch)
