@@ -298,7 +298,7 @@ def score(
     actors: int = typer.Option(1, "--actors", help="Scoring actors (each holds one copy of the model)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="CPUs Ray reserves per actor."),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per actor (fractions share a GPU)."),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per actor; 0: the node's CPUs / actors."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per actor; 0: the CPUs Ray gave the actor."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
     read_cpus: float = typer.Option(0.5, "--read-cpus", help="CPUs Ray reserves per read/decode task."),
     labels: Path = typer.Option(None, "--labels", help="CSV with columns path (or file_path, relative to the CSV) "

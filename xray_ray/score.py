@@ -59,7 +59,7 @@ class ScoreOptions:
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    threads: int = 0  # ONNX Runtime intra-op threads per actor; 0: this node's CPUs / actors
+    threads: int = 0  # ONNX Runtime intra-op threads per actor; 0: the CPUs Ray gave the actor
     batch_size: int = 32
     read_cpus: float = 0.5  # CPUs reserved per read/decode task: fractional so actors never starve reading
     labels: str | None = None  # CSV of (path, label) ground truth; class folders are used otherwise
@@ -216,7 +216,7 @@ def _scorer(options: ScoreOptions) -> tuple[type, dict, dict]:
 
     if options.backend == "serve":  # these actors only wait on the Serve replicas, which hold the model
         return ServeScorer, {}, {"num_cpus": 0.1}
-    threads = options.threads or max(1, (os.cpu_count() or 1) // options.actors)
+    threads = options.threads or None  # None: predict.onnx_threads, the CPUs Ray assigned (as in Serve)
     return (ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads},
             {"num_cpus": options.cpus_per_actor, "num_gpus": options.gpus_per_actor})
 

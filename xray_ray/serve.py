@@ -30,7 +30,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from xray_ray.export import CARD_FILE
 from xray_ray.files import sha256_hex
 from xray_ray.imaging import ImageDecodeError
-from xray_ray.predict import Classifier
+from xray_ray.predict import Classifier, Predictions
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,9 @@ class XrayClassifier:
         except ImageDecodeError as err:
             raise ApiError(422, "unusable_image", err.reason) from err
         probabilities = await self.infer(image)
-        classes = self.classifier.classes
-        return {"label": classes[int(np.argmax(probabilities))], "confidence": float(np.max(probabilities)),
-                "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
-                "model_version": self.classifier.version, "engine": self.classifier.engine,
-                "sha256": sha256_hex(data), "bytes": len(data)}
+        (answer,) = Predictions(probabilities[np.newaxis], self.classifier.classes, self.classifier.version,
+                                self.classifier.engine).rows()
+        return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
 
     @api.post("/predict")
     async def predict(self, request: Request) -> dict:
