@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from xray_ray.ray_runtime import free_port
+from xray_ray.ray_runtime import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: its python, ray
@@ -44,21 +44,6 @@ def _env(**extra: str) -> dict[str, str]:
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
-
-
-def _stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    """Stop a process this test started (own session): SIGTERM, then SIGKILL its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group we created (start_new_session)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(10)
 
 
 def _wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -275,7 +260,7 @@ class TestOnALocalHead:
         finally:
             first.send_signal(signal.SIGKILL)  # the driver dies without any chance to clean up
             first.wait(30)
-            _stop(first, grace=0)
+            stop_process_group(first, grace=0)
         killed_at = time.time()
         assert len(finished) == 1, "the whole experiment finished before the driver was killed"
         before = {trial_id: _result_lines(experiment, trial_id) for trial_id in finished}
@@ -376,7 +361,7 @@ def test_trials_spread_over_gpu_workers_one_per_gpu(tiny_index, tmp_path):
             harness.wait(60)
         except subprocess.TimeoutExpired:
             pass
-        _stop(harness, grace=0)
+        stop_process_group(harness, grace=0)
         shutil.rmtree(folder, ignore_errors=True)
     table = _check_export_matches_best_trial(reports, out, trials=4)
     assert set(table["node_id"]) == set(cluster["workers"]), "trials should run on both GPU workers"

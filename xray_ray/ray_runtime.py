@@ -43,6 +43,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen, grace: float) -> None:
+    """End a process started in its own session: SIGTERM, `grace` seconds to exit, then
+    SIGKILL the whole group, so children it left behind (Ray workers) go too."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait(10)
+
+
 @dataclass
 class LocalHead:
     """A Ray head started as a user starts one (`ray start --head --block`), owned by this process.
@@ -95,20 +111,9 @@ class LocalHead:
 
     def stop(self, grace: float = 5) -> None:
         """SIGTERM the head, then SIGKILL whatever of its process group is left."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.wait(10)
-        self.process = None
+        if self.process is not None:
+            stop_process_group(self.process, grace)
+            self.process = None
 
     def __enter__(self) -> LocalHead:
         return self.start()
