@@ -28,25 +28,15 @@ from xray_ray.config import CLASS_NAMES, load_config
 from xray_ray.export import read_card
 
 
-def _rss_mb() -> dict:
-    """Current and peak resident set size of this process, in MB (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
-
-
 def worker(engine: str, model_dir: str, images: str, out: str, batch: int, latency_runs: int) -> None:
     """Runs in a fresh process: load the engine, answer once, then time throughput and latency."""
-    from xray_ray.predict import Classifier
+    from xray_ray.predict import Classifier, process_footprint
 
     x = np.load(images)
     classifier = Classifier(model_dir, engine=engine)
     classifier.predict_arrays(x[:1])
     ready_at = time.time()
-    memory = _rss_mb()
+    footprint = process_footprint()
     classifier.predict_arrays(x[:batch])  # warm-up at the measured batch size
     probabilities = []
     started = time.perf_counter()
@@ -62,9 +52,10 @@ def worker(engine: str, model_dir: str, images: str, out: str, batch: int, laten
     np.save(out, np.concatenate(probabilities))
     print(json.dumps({
         "engine": classifier.engine, "provider": classifier.provider, "threads": classifier.threads,
-        "ready_at": ready_at, **memory, "peak_rss_after_run_mb": _rss_mb()["peak_rss_mb"],
+        "ready_at": ready_at, "rss_mb": footprint["rss_mb"], "peak_rss_mb": footprint["peak_rss_mb"],
+        "peak_rss_after_run_mb": process_footprint()["peak_rss_mb"],
         "images": len(x), "seconds": seconds, "latencies_ms": latencies,
-        "tensorflow_imported": "tensorflow" in sys.modules,
+        "tensorflow_imported": footprint["tensorflow_imported"],
     }))
 
 

@@ -37,6 +37,21 @@ class EngineUnavailableError(RuntimeError):
 ImageInput = bytes | np.ndarray
 
 
+def process_footprint() -> dict:
+    """What the process holding a classifier costs: resident memory now and at its peak, in MB
+    (Linux; None elsewhere), and whether TensorFlow was imported (ONNX Runtime promises not)."""
+    memory = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                memory[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return {"rss_mb": memory.get("VmRSS"), "peak_rss_mb": memory.get("VmHWM"),
+            "tensorflow_imported": "tensorflow" in sys.modules}
+
+
 @dataclass
 class Predictions:
     """Per-class probabilities for a batch, with what produced them."""

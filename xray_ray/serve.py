@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from xray_ray.export import CARD_FILE
 from xray_ray.files import sha256_hex
 from xray_ray.imaging import ImageDecodeError
-from xray_ray.predict import Classifier, Predictions
+from xray_ray.predict import Classifier, Predictions, process_footprint
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +101,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def resident_mb() -> float | None:
-    """This process's resident memory in MB (Linux; None elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
@@ -228,8 +216,8 @@ class XrayClassifier:
         """The model card, the engine answering, and how this replica serves."""
         self._authorize(request)
         serving = {key: value for key, value in asdict(self.settings).items() if key != "token_file"}
-        return {"card": self.classifier.card, "runtime": {**self.classifier.describe(), "rss_mb": resident_mb(),
-                "tensorflow_imported": "tensorflow" in sys.modules}, "serving": serving}
+        return {"card": self.classifier.card, "runtime": {**self.classifier.describe(), **process_footprint()},
+                "serving": serving}
 
     @api.get("/stats")
     def stats(self, request: Request) -> dict:
