@@ -88,6 +88,17 @@ def test_prepare_balances_only_training(ray_local):
     assert unbalanced["train"].count() == len(split.train)
 
 
+def test_training_rows_mix_the_classes_in_a_fixed_order(ray_local):
+    """The index is sorted by path (so by class); batches cut from it must still mix the classes."""
+    def train_labels():
+        datasets, _ = data.prepare(fake_index(), (0.9, 0.05, 0.05), 123, "undersample")
+        return datasets["train"].to_pandas()["label"].tolist()
+
+    labels = train_labels()
+    assert all(len(set(labels[i:i + 16])) >= 3 for i in range(0, len(labels) - 16, 16))
+    assert train_labels() == labels
+
+
 @pytest.fixture(scope="module")
 def phantom_split(ray_local, phantom_root):
     from xray_ray.index import build_index

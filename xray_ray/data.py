@@ -142,6 +142,10 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
 
     split = split_index(frame, fractions, seed)
     train = undersample(split.train, seed) if balance == "undersample" else split.train
+    # The split keeps rows sorted by path, which groups them by class, and to_tf's shuffle buffer
+    # only mixes neighbours: batches would hold one class each, and BatchNorm and every gradient
+    # step would see one class at a time. One seeded permutation of the rows fixes the order.
+    train = train.sample(frac=1.0, random_state=seed, ignore_index=True)
     datasets = {"train": ray.data.from_pandas(train)}
     datasets.update({name: ray.data.from_pandas(split.part(name)) for name in ("valid", "test")})
     return datasets, split
