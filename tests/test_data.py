@@ -117,7 +117,7 @@ def test_image_batches_use_the_shared_preprocessing(phantom_split):
     assert np.asarray(row["y"]).tolist() == data.one_hot([row["label"]])[0].tolist()
 
 
-def test_tf_batches_flip_on_training_only(phantom_split):
+def test_tf_batches_flip_on_training_only_and_afresh_each_epoch(phantom_split):
     import ray
 
     ds = data.load_images(ray.data.from_pandas(phantom_split.valid), size=64).materialize()
@@ -133,5 +133,8 @@ def test_tf_batches_flip_on_training_only(phantom_split):
     augmented = seen(training=True)
     assert set(augmented) <= reference | flipped
     assert set(augmented) & (flipped - reference), "training batches were never flipped"
+    pipeline = data.to_tf(ds, 8, training=True)  # as fit uses it: one pipeline, one pass per epoch
+    epochs = [sorted(bytes(img) for x, _ in pipeline for img in x.numpy().astype(np.uint8)) for _ in range(3)]
+    assert len({tuple(epoch) for epoch in epochs}) > 1, "every epoch flipped the same images"
     for x, y in data.to_tf(ds, 8, training=False).take(1):
         assert x.dtype.name == "float32" and x.shape[1:] == (64, 64, 3) and y.shape[1:] == (4,)

@@ -152,7 +152,13 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
 
 
 def to_tf(ds, batch_size: int, training: bool, seed: int = 123):
-    """A tf.data pipeline over a (materialized) image dataset; random horizontal flip on training only."""
+    """A tf.data pipeline over a (materialized) image dataset; random horizontal flips on training only.
+
+    The flips come from a Keras layer, whose seed state moves on every epoch; a seeded
+    `tf.image` random op restarts with each pass over the data and flips the same images
+    every epoch, which is no augmentation at all.
+    """
+    import keras
     import tensorflow as tf
 
     tfds = ds.to_tf(
@@ -166,5 +172,6 @@ def to_tf(ds, batch_size: int, training: bool, seed: int = 123):
     tfds = tfds.apply(tf.data.experimental.assert_cardinality(-(-ds.count() // batch_size)))
     tfds = tfds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     if training:
-        tfds = tfds.map(lambda x, y: (tf.image.random_flip_left_right(x, seed=seed), y))
+        flip = keras.layers.RandomFlip("horizontal", seed=seed)
+        tfds = tfds.map(lambda x, y: (flip(x, training=True), y))
     return tfds.prefetch(tf.data.AUTOTUNE)
