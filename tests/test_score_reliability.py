@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from badfiles import dicom_bytes, dicom_raw_values, write_bad_files, write_good_files
@@ -24,8 +25,9 @@ from typer.testing import CliRunner
 from xray_ray import synth
 from xray_ray.cli import app
 from xray_ray.export import update_card
+from xray_ray.predict import Classifier
 from xray_ray.score import ScoreOptions, read_predictions, score
-from xray_ray.score_pipeline import PREDICTION_COLUMNS
+from xray_ray.score_pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -75,7 +77,11 @@ def test_bad_file_archive_scores_every_good_file_and_reports_every_bad_one(model
     for name in good:
         row = by_name[f"incoming/good/{name}"]
         assert row["status"] == "ok" and row["predicted_label"] and abs(
-            sum(row[c] for c in PREDICTION_COLUMNS[4:8]) - 1) < 1e-4, name
+            sum(row[c] for c in PROBABILITY_COLUMNS.values()) - 1) < 1e-4, name
+    scored = rows[rows["status"] == "ok"]
+    direct = Classifier(model).predict([Path(p).read_bytes() for p in scored["path"]])
+    np.testing.assert_allclose(scored[list(PROBABILITY_COLUMNS.values())].to_numpy(), direct.probabilities, atol=1e-5)
+    assert list(scored["predicted_label"]) == direct.labels
     for name, reason in bad.items():
         row = by_name[f"incoming/bad/{name}"]
         assert row["status"] == "error" and reason in row["error_reason"] and pd.isna(row["prob_COVID"]), name
