@@ -43,15 +43,20 @@ from xray_ray import imaging, synth
 from xray_ray.export import read_card
 
 
-def _pss_mb(pid: int) -> float:
-    """Proportional set size of one process in MB (0 when it is gone)."""
+def _proc_mb(path: str, field: str) -> float:
+    """A kB field (`Pss`, `VmHWM`) of a /proc file in MB (0 when the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def _pss_mb(pid: int) -> float:
+    """Proportional set size of one process: shared object-store pages count once over the tree."""
+    return _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def _tree(pid: int) -> list[int]:
@@ -72,14 +77,8 @@ def _tree(pid: int) -> list[int]:
 
 
 def _peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of one process in MB (0 when it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """Peak resident set size of one process (VmHWM)."""
+    return _proc_mb(f"/proc/{pid}/status", "VmHWM")
 
 
 def _is_scoring_actor(pid: int) -> bool:
