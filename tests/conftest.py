@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
+EFFICIENTNETB1_CONFIG = COMPACT_CONFIG.with_name("efficientnetb1_scratch_cpu.yaml")
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_real"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COMPACT_CONFIG
+from tests.conftest import COMPACT_CONFIG, EFFICIENTNETB1_CONFIG
 from xray_ray.config import flat_config, load_config
 from xray_ray.export import read_card
 from xray_ray.predict import Classifier
@@ -84,29 +84,47 @@ def test_export_refuses_to_overwrite_silently(compact_model, learn_index):
         train_and_export(learn_index, load_config(None, COMPACT), out, reports)
 
 
-def _accuracy(model, x, y, training):
-    return float((np.asarray(model(x, training=training)).argmax(1) == y).mean())
+def _accuracy(probabilities, y) -> float:
+    return float((np.asarray(probabilities).argmax(1) == y).mean())
 
 
-def test_batchnorm_refresh_matches_inference_to_training_mode(learn_index):
-    """Statistics that lag (momentum 0.999) ruin inference; the refresh brings it back near training mode."""
-    from xray_ray.model import refresh_batchnorm
+@pytest.mark.parametrize("config_file, overrides, per_class", [
+    # Momentum 0.999 makes the compact CNN's statistics lag on purpose.
+    pytest.param(COMPACT_CONFIG, ["model.bn_momentum=0.999", "lra.epochs=12"], 80, id="compact"),
+    # The origin's momentum (0.99) over a few dozen steps: the lag the issue measured. The
+    # training images are few, so this shows EfficientNetB1 learning them, not generalising;
+    # benchmarks/bench_train.py holds the longer run with held-out figures. The 56 images fit
+    # one refresh batch: averaged over several small batches, this deep network's statistics
+    # fall short of the whole set's (measured 0.66 against 0.82 with batches of 32 and 24).
+    pytest.param(EFFICIENTNETB1_CONFIG, ["model.bn_momentum=0.99", "lra.epochs=30", "data.split=[0.7, 0.3, 0.0]"], 20,
+                 id="efficientnetb1"),
+])
+def test_backbone_learns_from_scratch_and_refreshed_inference_matches_batch_statistics(
+        learn_index, config_file, overrides, per_class):
+    """Learning shown through inference mode (`predict`) once the BatchNorm statistics are refreshed.
+
+    The reference is what the trained weights compute when BatchNorm normalises by the training
+    set's own statistics, dropout off; lagging moving averages pull inference mode away from
+    it, and the refresh brings it back.
+    """
+    from xray_ray.model import predict_with_batch_statistics, refresh_batchnorm
     from xray_ray.train import fit, prepare_training_data
 
-    config = load_config(None, COMPACT + ["model.bn_momentum=0.999", "lra.epochs=6", "train.bn_refresh_batches=0"])
-    training = prepare_training_data(learn_index.groupby("label").head(80), config)
+    config = load_config(config_file, [*overrides, "train.bn_refresh_batches=0"])
+    training = prepare_training_data(learn_index.groupby("label").head(per_class), config)
     model = fit(training, config).model
     rows = training.train.to_pandas()
     x = np.stack([np.asarray(i, np.float32) for i in rows["image"]])
     y = np.stack([np.asarray(v) for v in rows["y"]]).argmax(1)
-    train_mode = _accuracy(model, x, y, training=True)
-    stale = _accuracy(model, x, y, training=False)
-    assert train_mode > 0.4, "the network did not learn at all; the comparison would prove nothing"
-    used = refresh_batchnorm(model, (x[i:i + 32] for i in range(0, len(x), 32)), 50)
-    refreshed = _accuracy(model, x, y, training=False)
-    assert used == -(-len(x) // 32)
-    assert abs(refreshed - train_mode) <= 0.1, (stale, refreshed, train_mode)
-    assert refreshed > stale
+    learned = _accuracy(predict_with_batch_statistics(model, x, len(x)), y)  # the training set's own statistics
+    stale = _accuracy(model.predict(x, verbose=0), y)
+    assert learned >= 0.5, f"training accuracy {learned:.2f} is not clearly above chance (0.25)"
+    batch = config.train.bn_refresh_batch_size
+    used = refresh_batchnorm(model, (x[i:i + batch] for i in range(0, len(x), batch)), 50)
+    refreshed = _accuracy(model.predict(x, verbose=0), y)
+    assert used == -(-len(x) // batch)
+    assert abs(refreshed - learned) <= 0.1, (stale, refreshed, learned)
+    assert refreshed > stale, (stale, refreshed, learned)
 
 
 def test_weights_error_names_the_file_and_folder(tmp_path, monkeypatch):
@@ -146,7 +164,8 @@ def test_efficientnetb1_end_to_end_fit_export_reload(learn_index, tmp_path):
 
     small = learn_index.groupby("label").head(12)
     config = load_config(None, ["data.image_size=64", "data.split=[0.5, 0.5, 0.0]", "model.weights=none",
-                                "lra.epochs=2", "train.bn_refresh_batches=2", "data.batch_size=16"])
+                                "lra.epochs=2", "train.bn_refresh_batches=2", "data.batch_size=16",
+                                "train.bn_refresh_batch_size=16"])
     training = prepare_training_data(small, config)
     result = fit(training, config)
     assert len(result.epochs) == 2 and result.bn_refresh_batches == 2

@@ -96,6 +96,9 @@ class TrainConfig:
     """Training mechanics that are not hyperparameters of the network."""
 
     bn_refresh_batches: int = 50  # batches to re-estimate BatchNorm statistics after training from scratch
+    # Images per refresh batch. Averaging per-batch variances underestimates the population's,
+    # and more so for small batches, so the refresh uses batches of at least this size.
+    bn_refresh_batch_size: int = 64
     verbose: int = 0  # Keras fit verbosity; the LRA prints its own line per epoch
 
 

@@ -162,25 +162,53 @@ def set_trainable(model, model_cfg: ModelConfig) -> None:
 
 
 def refresh_batchnorm(model, batches, max_batches: int) -> int:
-    """Re-estimate BatchNorm moving statistics as the plain average over training batches.
+    """Re-estimate BatchNorm moving statistics as the average over training batches, each
+    weighted by its number of images (so a short last batch counts for what it holds).
 
     After training from scratch the moving averages (momentum 0.99) lag the weights, and
-    inference-mode accuracy collapses. Forward passes in training mode, with momentum set
-    so each batch counts equally and no optimizer step, make them match the final weights.
+    inference-mode accuracy collapses. Forward passes in training mode, with the momentum
+    set per batch and no optimizer step, make them match the final weights.
     Returns the number of batches used.
     """
     layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     momenta = [layer.momentum for layer in layers]
-    used = 0
+    used = seen = 0
     try:
         for x in batches:
             if used == max_batches:
                 break
             for layer in layers:
-                layer.momentum = used / (used + 1)
+                layer.momentum = seen / (seen + len(x))
             model(x, training=True)
-            used += 1
+            used, seen = used + 1, seen + len(x)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return used
+
+
+def predict_with_batch_statistics(model, x, batch_size: int = 64):
+    """Probabilities with every BatchNorm normalising by its batch's own statistics and dropout off.
+
+    This is what the trained weights compute before the moving averages matter: the reference
+    that inference mode should reach once the statistics are refreshed. The moving statistics
+    are left as they were (momentum 1 keeps them), so calling this changes nothing.
+    """
+    import keras
+    import numpy as np
+
+    norms = batchnorm_layers(model)
+    dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
+    momenta, rates = [layer.momentum for layer in norms], [layer.rate for layer in dropouts]
+    try:
+        for layer in norms:
+            layer.momentum = 1.0
+        for layer in dropouts:
+            layer.rate = 0.0
+        return np.concatenate([np.asarray(model(x[i:i + batch_size], training=True))
+                               for i in range(0, len(x), batch_size)])
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate

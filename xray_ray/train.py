@@ -113,7 +113,7 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
     import keras
 
     from xray_ray.lra import LRA
-    from xray_ray.model import build_model, refresh_batchnorm
+    from xray_ray.model import build_model
 
     started = time.perf_counter()
     setup_tensorflow()
@@ -148,12 +148,22 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=config.train.verbose,
     )
-    refreshed = 0
-    if config.model.weights == "none" and not under_tune:
-        plain = (x for x, _ in data.to_tf(training.train, batch, training=False))
-        refreshed = refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    refreshed = refresh_statistics(model, training, config) if not under_tune else 0
     return TrainResult(model, lra.epochs, lra.best_epoch, lra.stop_reason, refreshed,
                        time.perf_counter() - started, timer.seconds)
+
+
+def refresh_statistics(model, training: TrainingData, config: Config) -> int:
+    """After training from scratch, re-estimate BatchNorm statistics on the training images
+    (model.refresh_batchnorm); returns the batches used (0 with pretrained weights, whose
+    backbone statistics stay frozen)."""
+    from xray_ray.model import refresh_batchnorm
+
+    if config.model.weights != "none":
+        return 0
+    size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
+    plain = (x for x, _ in data.to_tf(training.train, size, training=False))
+    return refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
 
 
 def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
@@ -215,7 +225,7 @@ def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, repor
 
 def result_from_checkpoint(folder: str | Path, training: TrainingData, config: Config) -> TrainResult:
     """The finished run a Tune checkpoint holds: its best weights (BatchNorm refreshed when from scratch)."""
-    from xray_ray.model import build_model, refresh_batchnorm
+    from xray_ray.model import build_model
 
     folder = Path(folder)
     setup_tensorflow()
@@ -223,10 +233,7 @@ def result_from_checkpoint(folder: str | Path, training: TrainingData, config: C
     state = saved["lra"]
     model = build_model(config.model, training.image_size, config.data.seed)
     model.load_weights(folder / BEST_WEIGHTS_FILE)
-    refreshed = 0
-    if config.model.weights == "none":
-        plain = (x for x, _ in data.to_tf(training.train, config.data.batch_size, training=False))
-        refreshed = refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    refreshed = refresh_statistics(model, training, config)
     epochs = state["epochs"]
     stop_reason = saved["stop_reason"] or ("max_epochs" if len(epochs) >= config.lra.epochs else "interrupted")
     return TrainResult(model, epochs, int(state["best_epoch"]), stop_reason, refreshed, seconds=float("nan"))
