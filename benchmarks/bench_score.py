@@ -82,11 +82,12 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _is_scoring_actor(pid: int) -> bool:
-    """Ray titles an actor's worker process `ray::<class>`; the scoring actors' class is ActorScorer."""
+    """Ray titles a Ray Data actor's process `ray::MapWorker(MapBatches(ActorScorer))...`."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ActorScorer")
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return title.startswith(b"ray::") and b"ActorScorer" in title
 
 
 def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
