@@ -80,7 +80,7 @@ def test_bad_file_archive_scores_every_good_file_and_reports_every_bad_one(model
             sum(row[c] for c in PROBABILITY_COLUMNS.values()) - 1) < 1e-4, name
     scored = rows[rows["status"] == "ok"]
     direct = Classifier(model).predict([Path(p).read_bytes() for p in scored["path"]])
-    np.testing.assert_allclose(scored[list(PROBABILITY_COLUMNS.values())].to_numpy(), direct.probabilities, atol=1e-5)
+    np.testing.assert_allclose(scored[list(PROBABILITY_COLUMNS.values())].to_numpy(dtype=np.float64), direct.probabilities, atol=1e-5)
     assert list(scored["predicted_label"]) == direct.labels
     for name, reason in bad.items():
         row = by_name[f"incoming/bad/{name}"]

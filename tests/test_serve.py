@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.badfiles import SECRET_PATIENT, bad_files, good_files
+from xray_ray.export import read_card
 from xray_ray.files import sha256_hex
 from xray_ray.predict import Classifier
 from xray_ray.ray_runtime import free_port
@@ -196,7 +197,7 @@ def test_health_and_model_info(served, reference, compact_model):
     health = httpx.get(f"{served}/healthz")
     assert health.status_code == 200 and health.json()["model_version"] == reference.version
     info = httpx.get(f"{served}/model").json()
-    assert info["card"] == compact_model[2] and info["card"]["version"] == reference.version
+    assert info["card"] == read_card(compact_model[0]) and info["card"]["version"] == reference.version
     assert info["runtime"]["engine"] == "onnxruntime"
     assert info["runtime"]["tensorflow_imported"] is False  # the ONNX Runtime replica never loads TensorFlow
     assert info["serving"]["max_ongoing_requests"] >= info["serving"]["max_batch_size"]
