@@ -13,8 +13,8 @@ from pathlib import Path
 
 from common import print_table, save
 
-from xray_ray import index as indexing
-from xray_ray import synth
+from xray_ray.images import index as indexing
+from xray_ray.images import synth
 from xray_ray.ray_runtime import ensure_ray
 
 

@@ -23,14 +23,17 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, print_table, save
 
-from xray_ray import imaging, synth
-from xray_ray.config import CLASS_NAMES, load_config
-from xray_ray.export import read_card
+from tests.helpers import train_and_export
+from xray_ray.config import CLASS_NAMES
+from xray_ray.images import synth
+from xray_ray.images.preprocess import preprocess
+from xray_ray.model_folder.card import ModelCard
 
 
 def worker(engine: str, model_dir: str, images: str, out: str, batch: int, latency_runs: int) -> None:
     """Runs in a fresh process: load the engine, answer once, then time throughput and latency."""
-    from xray_ray.predict import Classifier, process_footprint
+    from xray_ray.model_folder.classifier import Classifier
+    from xray_ray.processes import process_footprint
 
     x = np.load(images)
     classifier = Classifier(model_dir, engine=engine)
@@ -59,28 +62,6 @@ def worker(engine: str, model_dir: str, images: str, out: str, batch: int, laten
     }))
 
 
-def build_model_folder(folder: Path, size: int, train_images: int) -> tuple[dict, float | None]:
-    """EfficientNetB1 (weights none) trained one epoch on a few phantoms, BN refreshed, exported with model.onnx."""
-    from xray_ray.export import build_card, export_model
-    from xray_ray.model import build_model, refresh_batchnorm
-
-    config = load_config(None, [f"data.image_size={size}", "model.weights=none", "lra.epochs=1"])
-    model = build_model(config.model, size, seed=0)
-    x, y = [], []
-    for i in range(train_images):
-        c = i % len(CLASS_NAMES)
-        x.append(imaging.preprocess(synth.phantom(CLASS_NAMES[c], 299, np.random.default_rng([7, c, i])), size))
-        y.append(c)
-    x, y = np.stack(x), np.eye(len(CLASS_NAMES), dtype=np.float32)[y]
-    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
-    refresh_batchnorm(model, (x[i:i + 8] for i in range(0, len(x), 8)), 4)
-    card = build_card(folder.name, config, training={"epochs_run": 1, "train_images": train_images},
-                      index_fingerprint="benchmark", split_counts={}, synthetic=True)
-    started = time.perf_counter()
-    card = export_model(model, folder, card)
-    return card, time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=256, help="phantoms scored by each engine")
@@ -100,15 +81,17 @@ def main() -> None:
         tmp = Path(tmp)
         folder = args.model or tmp / "effb1"
         if folder.exists():
-            card, export_s = read_card(folder), None
+            card, export_s = ModelCard.read(folder).data, None
         else:
-            card, export_s = build_model_folder(folder, args.size, args.train_images)
+            started = time.perf_counter()
+            card = train_and_export(folder, args.size, per_class=max(1, args.train_images // 4)).card
+            export_s = time.perf_counter() - started
         if card["input"]["size"] != args.size:
             raise SystemExit(f"{folder} takes {card['input']['size']} px inputs, not --size {args.size}")
         onnx = card["onnx"]
         if not onnx["usable"]:
             raise SystemExit(f"model.onnx is not usable, nothing to compare: {onnx.get('reason')}")
-        images = np.stack([imaging.preprocess(synth.phantom(CLASS_NAMES[i % 4], 299, np.random.default_rng([1, i])),
+        images = np.stack([preprocess(synth.phantom(CLASS_NAMES[i % 4], 299, np.random.default_rng([1, i])),
                                               args.size) for i in range(args.images)])
         np.save(tmp / "images.npy", images)
         results, probabilities = {"keras": [], "onnxruntime": []}, {}

@@ -35,58 +35,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_inference import build_model_folder
 from common import ROOT, print_table, save
 from PIL import Image
 
-from xray_ray import imaging, synth
-from xray_ray.export import read_card
-
-
-def _proc_mb(path: str, field: str) -> float:
-    """A kB field (`Pss`, `VmHWM`) of a /proc file in MB (0 when the process is gone)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+from tests.helpers import train_and_export
+from xray_ray.images import synth
+from xray_ray.images.preprocess import decode_and_preprocess
+from xray_ray.model_folder.card import ModelCard
+from xray_ray.processes import command_line, proc_field_mb, process_tree
 
 
 def _pss_mb(pid: int) -> float:
     """Proportional set size of one process: shared object-store pages count once over the tree."""
-    return _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss")
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and every process it started, directly or not."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [pid], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """Peak resident set size of one process (VmHWM)."""
-    return _proc_mb(f"/proc/{pid}/status", "VmHWM")
+    return proc_field_mb(pid, "Pss", "smaps_rollup") or 0.0
 
 
 def _is_scoring_actor(pid: int) -> bool:
     """Ray titles a Ray Data actor's process `ray::MapWorker(MapBatches(ActorScorer))...`."""
-    try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    title = command_line(pid)
     return title.startswith(b"ray::") and b"ActorScorer" in title
 
 
@@ -95,7 +61,7 @@ def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: 
     """Runs in a fresh process: start a local Ray, then time one scoring run of `archive`."""
     import ray
 
-    from xray_ray.score import ScoreOptions, score
+    from xray_ray.scoring.run import ScoreOptions, score
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"),
              log_to_driver=False)
@@ -132,10 +98,10 @@ def run_job(args, archive: Path, model: Path, engine: str) -> dict:
 
         def sample():
             while process.poll() is None:
-                tree = _tree(process.pid)
+                tree = process_tree(process.pid)
                 peak["driver_pss_mb"] = max(peak["driver_pss_mb"], _pss_mb(process.pid))
                 peak["tree_pss_mb"] = max(peak["tree_pss_mb"], sum(_pss_mb(p) for p in tree))
-                peak["actor_rss_mb"] = max([peak["actor_rss_mb"], *(_peak_rss_mb(p) for p in tree
+                peak["actor_rss_mb"] = max([peak["actor_rss_mb"], *((proc_field_mb(p, "VmHWM") or 0.0) for p in tree
                                                                     if _is_scoring_actor(p))])
                 time.sleep(0.5)
 
@@ -197,17 +163,17 @@ def main() -> None:
         a = args.job_worker
         job_worker(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), int(a[6]), a[7])
         return
-    from xray_ray.predict import Classifier
+    from xray_ray.model_folder.classifier import Classifier
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model or tmp / "effb1"
         if not model.exists():
-            build_model_folder(model, args.size, train_images=16)
-        card = read_card(model)
+            train_and_export(model, args.size)
+        card = ModelCard.read(model).data
         synth.write_dataset(tmp / "archive", per_class=args.images // 4, size=299, seed=3)
         paths = sorted((tmp / "archive").glob("*/images/*.png"))
-        inputs = np.stack([imaging.decode_and_preprocess(p.read_bytes(), card["input"]["size"]) for p in paths])
+        inputs = np.stack([decode_and_preprocess(p.read_bytes(), card["input"]["size"]) for p in paths])
         rows = []
         for engine in ["onnxruntime", *(["keras"] if args.keras else [])]:
             classifier = Classifier(model, engine=engine)

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_inference import build_model_folder
 from common import print_table, save
 from PIL import Image
 
-from xray_ray import synth
+from tests.helpers import train_and_export
 from xray_ray.config import CLASS_NAMES
-from xray_ray.export import read_card
-from xray_ray.ray_runtime import free_port
+from xray_ray.images import synth
+from xray_ray.model_folder.card import ModelCard
+from xray_ray.processes import free_port
 
 
 def phantom_pngs(count: int) -> list[bytes]:
@@ -69,7 +69,7 @@ def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
 
 def max_batch_forward_ms(model_dir: Path, batch: int, threads: int, engine: str, repeats: int = 5) -> float:
     """Median time of one forward pass at the max batch size, same engine and threads as the replica."""
-    from xray_ray.predict import Classifier
+    from xray_ray.model_folder.classifier import Classifier
 
     classifier = Classifier(model_dir, engine=engine, threads=threads)
     x = np.random.default_rng(0).uniform(0, 255, (batch, classifier.image_size, classifier.image_size, 3))
@@ -97,11 +97,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from xray_ray import serve as serving
+    from xray_ray.serving import app as serving
+    from xray_ray.serving.settings import ServeSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or Path(tmp) / "effb1"
-        card = read_card(folder) if folder.exists() else build_model_folder(folder, args.size, 16)[0]
+        card = ModelCard.read(folder).data if folder.exists() else train_and_export(folder, args.size).card
         reference_ms = max_batch_forward_ms(folder, args.max_batch, int(args.replica_cpus), args.engines[0])
         images = phantom_pngs(64)
         ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, log_to_driver=False)
@@ -110,7 +111,7 @@ def main() -> None:
         rows = []
         try:
             for engine, max_batch in ((e, b) for e in args.engines for b in (args.max_batch, 1)):
-                settings = serving.ServeSettings(model=str(folder), engine=engine, max_batch_size=max_batch,
+                settings = ServeSettings(model=str(folder), engine=engine, max_batch_size=max_batch,
                                                  batch_wait_timeout_s=args.wait_ms / 1000,
                                                  max_ongoing_requests=2 * args.max_batch,
                                                  num_cpus=args.replica_cpus)

@@ -22,12 +22,17 @@ import numpy as np
 import ray
 from common import ROOT, print_table, save
 
-from xray_ray import data, synth
 from xray_ray.config import flat_config, load_config
-from xray_ray.index import build_index
-from xray_ray.model import build_model, predict_with_batch_statistics, refresh_batchnorm
+from xray_ray.images import synth
+from xray_ray.images.index import build_index
 from xray_ray.ray_runtime import ensure_ray
-from xray_ray.train import fit, prepare_training_data
+from xray_ray.training import data
+from xray_ray.training.network import (
+    build_model,
+    predict_with_batch_statistics,
+    refresh_batchnorm,
+)
+from xray_ray.training.run import fit, prepare_training_data
 
 # The from-scratch settings that learn on a CPU, one shipped config per backbone.
 LEARNING = {"compact": ROOT / "configs" / "compact_cpu.yaml",

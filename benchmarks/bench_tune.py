@@ -25,10 +25,11 @@ from pathlib import Path
 
 from common import print_table, save
 
-from xray_ray import synth
-from xray_ray.index import build_index
+from xray_ray.images import synth
+from xray_ray.images.index import build_index
 from xray_ray.ray_runtime import ensure_ray
-from xray_ray.tune import load_experiment_config, plan, run_experiment
+from xray_ray.tuning.experiment import load_experiment_config, run_experiment
+from xray_ray.tuning.storage import plan
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_demo.yaml"
 
@@ -37,8 +38,8 @@ def timed_trial(params, training, config, metric):
     """`run_trial`, with the time the function was entered and the time of the first training batch in each report."""
     import ray.tune
 
-    from xray_ray import train
-    from xray_ray.tune import run_trial
+    from xray_ray.training import run as train
+    from xray_ray.tuning.search import run_trial
 
     marks = {"entered_at": time.time()}
     make_timer, report = train._epoch_timer, ray.tune.report

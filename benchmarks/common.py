@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-from xray_ray.files import atomic_write_text
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks share the test suite's helpers (tests/helpers.py)
+
+from xray_ray.files import atomic_write_text  # noqa: E402
 
 BENCH_DIR = ROOT / "reports" / "bench"
 

@@ -1,8 +1,14 @@
-"""Shared fixtures: one local Ray per session, small synthetic datasets, the real sample set."""
+"""Shared fixtures: one local Ray per session, small synthetic datasets, the real sample set.
+
+The `slow` marker goes on every test that trains a network or starts Ray or Serve, and on
+nothing else: tests using a fixture that does so are marked here, and an unmarked test that
+leaves Ray running fails, so `make test-fast` stays fast by construction.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +41,7 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small phantom dataset in the Radiography DB layout (12 images per class, 128 px)."""
-    from xray_ray import synth
+    from xray_ray.images import synth
 
     root = tmp_path_factory.mktemp("phantoms")
     synth.write_dataset(root, per_class=12, size=128, seed=1)
@@ -53,8 +59,8 @@ def real_root() -> Path:
 @pytest.fixture(scope="session")
 def learn_index(ray_local, tmp_path_factory):
     """150 phantoms per class at 96 px, indexed: enough for the compact CNN to show learning."""
-    from xray_ray import synth
-    from xray_ray.index import build_index
+    from xray_ray.images import synth
+    from xray_ray.images.index import build_index
 
     root = tmp_path_factory.mktemp("learn")
     synth.write_dataset(root, per_class=150, size=96, seed=11)
@@ -65,9 +71,33 @@ def learn_index(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def compact_model(learn_index, tmp_path_factory):
     """One compact model trained, exported and evaluated through `xray-ray train`'s code path."""
-    from xray_ray.train import train_and_export
+    from xray_ray.training.run import train_and_export
 
     out = tmp_path_factory.mktemp("models") / "compact"
     reports = tmp_path_factory.mktemp("reports")
     card = train_and_export(learn_index, load_config(COMPACT_CONFIG), out, reports)
     return out, reports, card
+
+
+SLOW_FIXTURES = {"ray_local", "learn_index", "compact_model"}
+"""Fixtures that start Ray or train a network; modules add their own through `slow_fixtures`."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        extra = set(getattr(item.module, "SLOW_FIXTURES", ()))
+        if (SLOW_FIXTURES | extra) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _slow_marker_is_honest(request):
+    """A test not marked slow must not leave a Ray running that it started."""
+    def ray_running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = ray_running()
+    yield
+    if request.node.get_closest_marker("slow") is None:
+        assert before or not ray_running(), "this test starts Ray: mark it slow"

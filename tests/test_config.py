@@ -2,7 +2,14 @@
 
 import pytest
 
-from xray_ray.config import CLASS_NAMES, canonical_label, config_to_dict, flat_config, load_config, with_overrides
+from xray_ray.config import (
+    CLASS_NAMES,
+    canonical_label,
+    config_to_dict,
+    flat_config,
+    load_config,
+    with_overrides,
+)
 
 
 @pytest.mark.parametrize(

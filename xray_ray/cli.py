@@ -1,14 +1,25 @@
-"""The `xray-ray` command: one subcommand per job."""
+"""The `xray-ray` command: one subcommand per job, each parsing its options and calling one function.
+
+Errors a user can fix (a bad option, a missing file, an existing output) print one line
+and exit 2; everything else is the owning module's. `jobs/*.py` run the same commands
+through `run_job`, so `ray job submit` and the installed command behave alike.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 
+from xray_ray.images.synth import SYNTHETIC_NOTE
+
 app = typer.Typer(help="Tune, serve and batch-score a chest X-ray classifier on Ray.", no_args_is_help=True)
+
+CONFIG_OPTION = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train).")
+SET_OPTION = typer.Option(None, "--set", help="Override a setting, e.g. --set model.backbone=compact (repeatable).")
 
 
 @app.callback()
@@ -16,6 +27,25 @@ def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings
     """Show the project's own progress lines (LRA epochs, stages) unless --quiet."""
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("xray_ray").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run_job(command: str, args: list[str]) -> None:
+    """Run one subcommand as `xray-ray <command> <args>` would (the entry point of `jobs/*.py`)."""
+    app(args=[command, *args], prog_name=f"jobs/{command}.py")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _synthetic(flag: bool) -> str:
+    return f" ({SYNTHETIC_NOTE})" if flag else ""
+
+
+def _use_address(address: str | None) -> None:
+    if address:
+        os.environ["RAY_ADDRESS"] = address
 
 
 @app.command()
@@ -26,10 +56,10 @@ def synth(
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
 ) -> None:
     """Write synthetic phantom chest X-rays (not real images) for demos and tests."""
-    from xray_ray import synth as phantoms
+    from xray_ray.images.synth import write_dataset
 
-    counts = phantoms.write_dataset(out_dir, per_class=per_class, size=size, seed=seed)
-    typer.echo(f"wrote {sum(counts.values())} {phantoms.SYNTHETIC_NOTE} to {out_dir}: {counts}")
+    counts = write_dataset(out_dir, per_class=per_class, size=size, seed=seed)
+    typer.echo(f"wrote {sum(counts.values())} {SYNTHETIC_NOTE} to {out_dir}: {counts}")
 
 
 @app.command()
@@ -38,13 +68,12 @@ def index(
     out: Path = typer.Option(Path("index.parquet"), help="Where to write the index (Parquet)."),
 ) -> None:
     """Index a dataset folder: label, size, hash, dimensions and readability of every file."""
-    from xray_ray import index as indexing
+    from xray_ray.images import index as indexing
 
     try:
         frame, found = indexing.build_index(data_dir)
     except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        raise _fail(str(err))
     indexing.save_index(frame, out)
     summary = indexing.summarize(frame)
     for label, count in summary["per_class"].items():
@@ -63,22 +92,16 @@ def _config(config_file: Path | None, overrides: list[str] | None):
     try:
         return load_config(config_file, overrides)
     except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        raise _fail(str(err))
 
 
 def _index(path: Path):
-    from xray_ray.index import load_index
+    from xray_ray.images.index import load_index
 
     try:
         return load_index(path)
     except (OSError, ValueError) as err:
-        typer.echo(f"error: cannot read the index {path}: {err}", err=True)
-        raise typer.Exit(2)
-
-
-CONFIG_OPTION = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train).")
-SET_OPTION = typer.Option(None, "--set", help="Override a setting, e.g. --set model.backbone=compact (repeatable).")
+        raise _fail(f"cannot read the index {path}: {err}")
 
 
 @app.command()
@@ -91,22 +114,18 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace an existing model folder."),
 ) -> None:
     """Train one model with LRA, export it with its model card, evaluate it on valid and test."""
-    from xray_ray.model import WeightsUnavailableError
-    from xray_ray.ray_runtime import ensure_ray
-    from xray_ray.train import train_and_export
+    from xray_ray.training.network import WeightsUnavailableError
+    from xray_ray.training.run import train_and_export
 
     config = _config(config_file, overrides)
     frame = _index(index_path)
-    ensure_ray()
     try:
         card = train_and_export(frame, config, out, report_dir or Path("reports/train") / out.name, overwrite)
     except (FileExistsError, WeightsUnavailableError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-    synthetic = " (synthetic phantoms, not real X-rays)" if card["synthetic_data"] else ""
+        raise _fail(str(err))
     test = card["metrics"]["test"]
     typer.echo(f"model {card['version']} ({card['backbone']}) exported to {out}")
-    typer.echo(f"test accuracy {test['accuracy']:.3f} on {test['n']} images{synthetic}")
+    typer.echo(f"test accuracy {test['accuracy']:.3f} on {test['n']} images{_synthetic(card['synthetic_data'])}")
     typer.echo(f"report: {card['report']}")
 
 
@@ -118,31 +137,18 @@ def evaluate(
     report_dir: Path = typer.Option(None, help="Report folder (default reports/evaluate/<model>-<split>)."),
 ) -> None:
     """Evaluate an exported model on a split of an index (the split the model card's seed defines)."""
-    from xray_ray import data, reports
-    from xray_ray.config import Config, with_overrides
-    from xray_ray.evaluate import evaluate_files
-    from xray_ray.export import read_card
-    from xray_ray.index import fingerprint
-    from xray_ray.predict import Classifier
+    from xray_ray.training.evaluate import evaluate_model
 
     frame = _index(index_path)
-    try:
-        card = read_card(model)
-        cfg = with_overrides(Config(), {"data.split": card["config"]["data"]["split"],
-                                        "data.seed": card["config"]["data"]["seed"]}).data
-        part = frame[frame["readable"]] if split == "all" else data.split_index(frame, cfg.split, cfg.seed).part(split)
-    except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-    if fingerprint(frame) != card["index_fingerprint"]:
-        typer.echo("note: this index differs from the one the model was trained on; splits are not the training ones")
-    evaluation = evaluate_files(Classifier(model), part)
     folder = report_dir or Path("reports/evaluate") / f"{model.name}-{split}"
-    reports.write_classification_report(folder, evaluation)
-    reports.plot_confusion_matrix(folder / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
-                                  f"{card['name']} on {split} ({evaluation.n} images)")
+    try:
+        evaluation, card, same_index = evaluate_model(model, frame, split, folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _fail(str(err))
+    if not same_index:
+        typer.echo("note: this index differs from the one the model was trained on; splits are not the training ones")
     typer.echo(evaluation.report_text())
-    typer.echo(f"model {card['version']}; report files in {folder}")
+    typer.echo(f"model {card.version}; report files in {folder}")
 
 
 @app.command("tune")
@@ -171,62 +177,33 @@ def tune(
 
     Relative output paths resolve under $XRAY_RAY_HOME, else the working folder (~/xray-ray when run by `ray job submit`, whose working folder is temporary).
     """
-    import os
+    from xray_ray.training.network import WeightsUnavailableError
+    from xray_ray.tuning import experiment as tuning
+    from xray_ray.tuning.storage import plan
 
-    from xray_ray import tune as tuning
-    from xray_ray.model import WeightsUnavailableError
-
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not logging.getLogger("xray_ray").level:  # run as jobs/tune.py, without the app's --quiet callback
-        logging.getLogger("xray_ray").setLevel(logging.INFO)
-    if index_path and data_dir:
-        typer.echo("error: give --index or --data, not both", err=True)
-        raise typer.Exit(2)
-    if address:
-        os.environ["RAY_ADDRESS"] = address
+    _use_address(address)
     try:
         config, settings = tuning.load_experiment_config(config_file, overrides)
-        experiment = tuning.plan(settings, name, storage_path, out, report_dir)
+        experiment = plan(settings, name, storage_path, out, report_dir)
         saved = tuning.check_can_start(experiment, resume, overwrite)
         if saved is not None and (config_file or overrides):
             typer.echo("note: --resume continues with the settings saved with the experiment; --config and --set "
                        "only served to find it (tune.name, tune.storage_path)")
-        if saved is not None and not (index_path or data_dir):
-            if not saved.get("index_path"):
-                raise ValueError("the experiment did not record its index: give --index")
-            index_path = Path(saved["index_path"])
-        if data_dir:
-            from xray_ray import index as indexing
-
-            frame, _ = indexing.build_index(data_dir)
-            index_path = experiment.report_dir / "index.parquet"
-            indexing.save_index(frame, index_path)
-        elif index_path:
-            frame = _index(index_path)
-        else:
-            raise ValueError("give --index (or --data) for a new experiment")
+        frame, index_path = tuning.resolve_index(experiment, saved, index_path, data_dir)
         summary = tuning.run_experiment(frame, config, settings, experiment, resume=resume, overwrite=overwrite,
                                         index_path=str(Path(index_path).resolve()))
     except (FileExistsError, FileNotFoundError, WeightsUnavailableError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        raise _fail(str(err))
     except RuntimeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1)
-    synthetic = " (synthetic phantoms, not real X-rays)" if summary["synthetic_data"] else ""
+        raise _fail(str(err), 1)
     typer.echo(f"experiment {summary['experiment']}: {summary['trials']} trials in {summary['storage_path']}")
     typer.echo(f"best trial {summary['best_trial']}: {summary['metric']} {summary['best_score']:.4f} with "
                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["best_params"].items()))
     typer.echo(f"model {summary['model_version']} exported to {summary['model']}; "
-               f"test accuracy {summary['test_accuracy']:.3f}{synthetic}")
+               f"test accuracy {summary['test_accuracy']:.3f}{_synthetic(summary['synthetic_data'])}")
     if summary["errors"]:
         typer.echo(f"warning: {len(summary['errors'])} trial(s) failed for good: {summary['errors']}")
     typer.echo(f"report: {experiment.report_dir / 'index.html'}")
-
-
-def _interrupt(signum, frame) -> None:
-    """SIGTERM stops a long-running command as Ctrl-C does, so it cleans up what it started."""
-    raise KeyboardInterrupt
 
 
 @app.command("serve")
@@ -247,42 +224,23 @@ def serve_model(
     address: str = typer.Option(None, "--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a "
                                 "local Ray is started and stopped with this command)."),
 ) -> None:
-    """Serve a model over HTTP with Ray Serve until interrupted (Ctrl-C)."""
-    import os
-    import signal
-    import time
+    """Serve a model over HTTP with Ray Serve until interrupted (Ctrl-C or SIGTERM)."""
+    from xray_ray.serving.app import serve_until_stopped
+    from xray_ray.serving.settings import ServeSettings, read_token
 
-    import ray
-    from ray import serve
-
-    from xray_ray import serve as serving
-    from xray_ray.ray_runtime import ensure_ray
-
-    if address:
-        os.environ["RAY_ADDRESS"] = address
+    _use_address(address)
     try:
-        settings = serving.ServeSettings(
+        settings = ServeSettings(
             model=str(model.resolve()), engine=engine, max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_ms / 1000, num_replicas=replicas, num_cpus=num_cpus,
             num_gpus=num_gpus, max_body_mb=max_body_mb,
             token_file=str(token_file.resolve()) if token_file else None)
-        serving.read_token(settings.token_file)  # an empty or missing token file fails here, not in a replica
+        read_token(settings.token_file)  # an empty or missing token file fails here, not in a replica
     except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-    ensure_ray()
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own SIGTERM handler aborts the process
-    try:
-        serving.start(settings, host=host, port=port)
-        typer.echo(f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
-                   "GET /model, GET /stats); Ctrl-C stops")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        typer.echo("stopping")
-    finally:
-        serve.delete(serving.APP_NAME)
-        ray.shutdown()  # stops the local Ray this command started; a cluster keeps running
+        raise _fail(str(err))
+    serve_until_stopped(settings, host, port, started=lambda: typer.echo(
+        f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
+        "GET /model, GET /stats); Ctrl-C stops"))
 
 
 @app.command("score")
@@ -319,16 +277,10 @@ def score(
     Exit code 0 when the run completed (bad files become error rows), 2 for a bad configuration, 3 for an
     unusable model (or no running Serve app), 4 for an unreachable archive.
     """
-    import os
+    from xray_ray.scoring.run import ScoreError, ScoreOptions
+    from xray_ray.scoring.run import score as run_scoring
 
-    from xray_ray.score import ScoreError, ScoreOptions
-    from xray_ray.score import score as run_scoring
-
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not logging.getLogger("xray_ray").level:  # run as jobs/score.py, without the app's --quiet callback
-        logging.getLogger("xray_ray").setLevel(logging.INFO)
-    if address:
-        os.environ["RAY_ADDRESS"] = address
+    _use_address(address)
     options = ScoreOptions(
         archives=[str(a) for a in archives], out=str(out), model=str(model) if model else None, backend=backend,
         engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
@@ -338,11 +290,10 @@ def score(
     try:
         summary = run_scoring(options)
     except ScoreError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code)
-    synthetic = " (synthetic phantoms, not real X-rays)" if summary["synthetic_data"] else ""
+        raise _fail(str(err), err.exit_code)
     typer.echo(f"run {summary['run']}: {summary['scored']} images scored, {summary['errors']} unreadable, "
-               f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']}){synthetic}")
+               f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']})"
+               + _synthetic(summary["synthetic_data"]))
     typer.echo("  " + ", ".join(f"{name}: {count}" for name, count in summary["per_class"].items()))
     if summary["ground_truth"]:
         typer.echo(f"  accuracy {summary['ground_truth']['accuracy']:.3f} on {summary['ground_truth']['n']} images "
@@ -366,20 +317,14 @@ def demo(
     from xray_ray.demo import DemoError, DemoOptions, run_demo
 
     if backbone not in (None, "compact", "efficientnetb1"):
-        typer.echo(f"error: --backbone must be compact or efficientnetb1, got {backbone!r}", err=True)
-        raise typer.Exit(2)
+        raise _fail(f"--backbone must be compact or efficientnetb1, got {backbone!r}")
     if data is not None and not data.is_dir():
-        typer.echo(f"error: dataset folder not found: {data}", err=True)
-        raise typer.Exit(2)
-    import signal
-
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the head and Serve on `kill` too (run_demo keeps it)
+        raise _fail(f"dataset folder not found: {data}")
     try:
         run_demo(DemoOptions(out=out, backbone=backbone, data=data, per_class=per_class,
                              archive_per_class=archive_per_class, tune_overrides=list(overrides or [])))
     except DemoError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1)
+        raise _fail(str(err), 1)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 CLASS_NAMES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 """The four labels, in the model's output order."""
+
+SERVE_APP_NAME = "xray-ray"
+SERVE_DEPLOYMENT_NAME = "XrayClassifier"
+"""The Serve application and deployment: named here because Serve deploys them and scoring's serve backend finds them."""
 
 
 def _fold(name: str) -> str:
@@ -251,9 +255,26 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"model": {"dropout": 0.3}} -> {"model.dropout": 0.3} (empty sections kept)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def flat_config(config: Config) -> dict[str, Any]:
     """The config as dotted keys (`model.dropout`), as overrides and search spaces name them."""
-    return {f"{section}.{key}": value for section, values in config_to_dict(config).items() for key, value in values.items()}
+    return flatten(config_to_dict(config))
+
+
+def config_from_dict(saved: Mapping) -> Config:
+    """A Config back from `config_to_dict` output (e.g. saved with an experiment); unknown sections are ignored."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    return with_overrides(Config(), flatten({key: value for key, value in saved.items() if key in sections}))
 
 
 def with_overrides(config: Config, values: dict[str, Any]) -> Config:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,18 @@ from pathlib import Path
 # The demo is one machine on loopback: Ray must not swap 127.0.0.1 for the machine's address
 # when this process connects to its head (read once, when Ray is first imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import httpx  # noqa: E402 - every import below comes after the setting above: they pull in Ray
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from xray_ray.images.index import build_index, save_index  # noqa: E402
+from xray_ray.images.synth import SYNTHETIC_NOTE, write_dataset  # noqa: E402
+from xray_ray.processes import free_port, sigterm_as_interrupt  # noqa: E402
+from xray_ray.ray_runtime import LocalHead, ensure_ray  # noqa: E402
+from xray_ray.reports.tables import write_json  # noqa: E402
+from xray_ray.serving.app import start as start_serving  # noqa: E402
+from xray_ray.serving.settings import ServeSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CONFIG = "configs/tune_demo.yaml"
@@ -75,9 +86,7 @@ def submit(dashboard: str, script: str, args: list[str]) -> None:
 
 def write_archive(folder: Path, per_class: int) -> dict[str, int]:
     """A small archive to score: fresh phantoms in class folders, and a few bad files beside them."""
-    from xray_ray import synth
-
-    counts = synth.write_dataset(folder, per_class=per_class, size=299, seed=2024)
+    counts = write_dataset(folder, per_class=per_class, size=299, seed=2024)
     incoming = folder / "incoming"
     incoming.mkdir(exist_ok=True)
     png = next((folder / "Normal" / "images").glob("*.png")).read_bytes()
@@ -89,8 +98,6 @@ def write_archive(folder: Path, per_class: int) -> dict[str, int]:
 
 def ask_serve(url: str, files: list[Path]) -> list[dict]:
     """POST each file to /predict with a plain HTTP client; print and return the answers."""
-    import httpx
-
     answers = []
     for path in files:
         response = httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())}, timeout=120)
@@ -106,14 +113,6 @@ def ask_serve(url: str, files: list[Path]) -> list[dict]:
 
 def run_demo(options: DemoOptions) -> dict:
     """Run every stage; returns the headline figures and the report paths (also saved as demo_summary.json)."""
-    import ray
-    from ray import serve
-
-    from xray_ray import index as indexing
-    from xray_ray import serve as serving
-    from xray_ray import synth
-    from xray_ray.ray_runtime import LocalHead, free_port
-
     out = options.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     synthetic = options.data is None
@@ -128,19 +127,25 @@ def run_demo(options: DemoOptions) -> dict:
         if backbone == "compact" else ""))
     if synthetic:
         with stages("synthesize", f"synthesize {options.per_class} phantoms per class in {root}"):
-            synth.write_dataset(root, per_class=options.per_class, size=options.image_size, seed=0)
+            write_dataset(root, per_class=options.per_class, size=options.image_size, seed=0)
             write_archive(archive, options.archive_per_class)
+    with sigterm_as_interrupt():  # `kill` stops the head and Serve too, as Ctrl-C does
+        answers = _run_stages(options, stages, synthetic, root, archive, model, tune_reports, backbone, out)
+    return summarize(out, tune_reports, answers, stages.seconds, synthetic)
+
+
+def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Path, archive: Path, model: Path,
+                tune_reports: Path, backbone: str, out: Path) -> list[dict]:
+    """Start the head, then index, tune, score and serve on it; everything started is stopped on the way out."""
     head = LocalHead(num_cpus=options.num_cpus)
     try:
         with stages("start_ray", "start a local Ray head (127.0.0.1, dashboard and job API included)"):
             head.start()
-            on_sigterm = signal.getsignal(signal.SIGTERM)
-            ray.init(address=head.gcs, log_to_driver=False)
-            signal.signal(signal.SIGTERM, on_sigterm)  # ray.init's own handler would abort, leaving the head behind
+            ensure_ray(address=head.gcs, log_to_driver=False)
             print(f"    dashboard and job API: {head.dashboard}")
         with stages("index", f"index {root} on Ray Data"):
-            frame, _ = indexing.build_index(root)
-            indexing.save_index(frame, out / "index.parquet")
+            frame, _ = build_index(root)
+            save_index(frame, out / "index.parquet")
             print(f"    {len(frame)} files, {int((~frame['readable']).sum())} unreadable")
         config = SYNTHETIC_CONFIG if synthetic else REAL_CONFIG
         overrides = [f"model.backbone={backbone}", *options.tune_overrides]
@@ -154,7 +159,7 @@ def run_demo(options: DemoOptions) -> dict:
                                                 "--out", str(out / "scores"), "--run", "demo"])
         with stages("serve", "serve the best model with Ray Serve and ask it over HTTP"):
             port = free_port()
-            serving.start(serving.ServeSettings(model=str(model), num_cpus=1), port=port)
+            start_serving(ServeSettings(model=str(model), num_cpus=1), port=port)
             samples = sorted(archive.glob("*/images/*.png"))[:: max(1, options.archive_per_class)][:4]
             answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
             serve.shutdown()
@@ -163,17 +168,15 @@ def run_demo(options: DemoOptions) -> dict:
             if ray.is_initialized():
                 ray.shutdown()
             head.stop()
-    return summarize(out, tune_reports, answers, stages.seconds, synthetic)
+    return answers
 
 
 def summarize(out: Path, tune_reports: Path, answers: list[dict], seconds: dict, synthetic: bool) -> dict:
     """Headline numbers and report paths, printed and saved as demo_summary.json."""
-    from xray_ray.reports import write_json
-
     tuned = json.loads((tune_reports / "summary.json").read_text())
     scored = json.loads((out / "scores" / "demo" / "report" / "summary.json").read_text())
     summary = {
-        "data": "synthetic phantoms, not real X-rays" if synthetic else "real dataset",
+        "data": SYNTHETIC_NOTE if synthetic else "real dataset",
         "reports": {"tuning (trials, best model, test set)": str(tune_reports / "index.html"),
                     "archive scoring (per class, review list, errors)": str(out / "scores/demo/report/index.html")},
         "best_trial": tuned["best_trial"], "best_score": {tuned["metric"]: tuned["best_score"]},

@@ -1,7 +1,9 @@
-"""Small file helpers every job shares: atomic writes and content hashes.
+"""Small file helpers every job shares: atomic, durable writes and content hashes.
 
-Outputs are written to a temporary file in the destination folder and renamed into
-place, so a reader (or a re-run after a crash) never sees a half-written file.
+Outputs are written to a temporary file in the destination folder, flushed to disk,
+renamed into place and the folder flushed too, so a reader, a re-run after a crash or a
+power loss never sees a half-written file. Files get the permissions the process's
+umask allows (outputs name patient image paths: the operator decides who may read them).
 """
 
 from __future__ import annotations
@@ -14,33 +16,75 @@ from pathlib import Path
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; if the block succeeds it is made durable and renamed onto `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are meant to be shared
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; follow the umask like open() does
+        fsync_file(tmp)
         os.replace(tmp, target)
+        fsync_folder(target.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
+    """Write `data` to `path` atomically and durably."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
+    """Write `text` (UTF-8) to `path` atomically and durably."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256_hex(data: bytes) -> str:
     """The hex SHA-256 of `data`: the identity of an image's content across jobs."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's content, read in chunks (model files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,46 +16,33 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xray_ray.processes import free_port, stop_process_group
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Without an explicit mode, Ray turns token authentication on once ~/.ray/auth_token exists,
 # and `ray job submit` then fails; a cluster that wants tokens sets RAY_AUTH_MODE=token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to (or start) Ray once per process; later calls do nothing."""
-    import ray
+def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_driver: bool = True) -> None:
+    """Connect to Ray once per process, the one way every command does: `address`, else RAY_ADDRESS,
+    else a new local Ray on this machine. Later calls do nothing.
+
+    `ray.init` installs a SIGTERM handler that aborts the process; the handler that was
+    there before is put back, so a command's own clean-up still runs on `kill`.
+    """
+    import ray  # heavy, and it reads the environment set above when first imported
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process_group(process: subprocess.Popen, grace: float) -> None:
-    """End a process started in its own session: SIGTERM, `grace` seconds to exit, then
-    SIGKILL the whole group, so children it left behind (Ray workers) go too."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait(10)
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=log_to_driver)
+    if on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass

@@ -1,0 +1,397 @@
+"""Ray Serve over real HTTP on loopback: answers equal Classifier's, bad input gets a 4xx, batching, token."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.badfiles import SECRET_PATIENT, bad_files, good_files
+from xray_ray.files import sha256_hex
+from xray_ray.model_folder.card import ModelCard
+from xray_ray.model_folder.classifier import Classifier
+from xray_ray.processes import free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+MAX_BODY_MB = 1.0
+SECURE_PREFIX = "/secure"
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+
+
+def settings_for(model_dir: Path, **changes):
+    from xray_ray.serving.settings import ServeSettings
+
+    base = dict(model=str(model_dir), max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=0.5,
+                max_body_mb=MAX_BODY_MB, max_batch_files=8)
+    return ServeSettings(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, compact_model):
+    """The app on Serve, HTTP on 127.0.0.1 at a free port; Serve shut down after this module."""
+    from ray import serve
+
+    from xray_ray.serving import app as serving
+
+    port = free_port()
+    serving.start(settings_for(compact_model[0]), host="127.0.0.1", port=port)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(compact_model) -> Classifier:
+    return Classifier(compact_model[0])
+
+
+def sample_images(phantom_root: Path, count: int = 8) -> list[bytes]:
+    paths = sorted(phantom_root.glob("*/images/*.png"))
+    return [path.read_bytes() for path in paths[:: max(1, len(paths) // count)][:count]]
+
+
+def assert_answers_match(answers: list[dict], images: list[bytes], reference: Classifier) -> None:
+    expected = reference.predict(images)
+    for answer, data, probabilities, label in zip(answers, images, expected.probabilities, expected.labels):
+        got = np.array([answer["probabilities"][c] for c in reference.classes])
+        np.testing.assert_allclose(got, probabilities, atol=1e-5)
+        assert answer["label"] == label
+        assert answer["sha256"] == sha256_hex(data)
+        assert (answer["model_version"], answer["engine"]) == (reference.version, reference.engine)
+
+
+def post_image(url: str, data: bytes, content_type: str = "image/png", headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/predict", content=data, headers={"Content-Type": content_type, **(headers or {})},
+                      timeout=60)
+
+
+def assert_still_serving(url: str, phantom_root: Path) -> None:
+    response = post_image(url, sample_images(phantom_root, 1)[0])
+    assert response.status_code == 200, response.text
+
+
+def test_answers_over_http_equal_classifier_on_phantoms(served, reference, phantom_root):
+    images = sample_images(phantom_root)
+    answers = [post_image(served, data).json() for data in images]
+    assert_answers_match(answers, images, reference)
+    assert len({answer["label"] for answer in answers} | {round(a["confidence"], 4) for a in answers}) > 2
+
+
+def test_answers_over_http_equal_classifier_on_real_xrays(served, reference, real_root):
+    paths = pd.read_csv(real_root / "index.csv").groupby("label").head(2)["file_path"]
+    images = [(real_root / path).read_bytes() for path in paths]
+    answers = []
+    for data in images:  # multipart, as a browser or `curl -F` sends them
+        response = httpx.post(f"{served}/predict", files={"file": ("x.png", data)}, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert_answers_match(answers, images, reference)
+
+
+@pytest.mark.parametrize("name", ["gray8.png", "gray.jpg", "gray16.tif", "rgb.bmp", "dicom_mono1.dcm"])
+def test_raw_body_and_multipart_give_the_same_answer(served, reference, name):
+    data = good_files()[name][0]
+    content_type = "application/dicom" if name.endswith(".dcm") else "application/octet-stream"
+    raw = post_image(served, data, content_type)
+    form = httpx.post(f"{served}/predict", files={"file": (name, data)}, timeout=60)
+    assert raw.status_code == form.status_code == 200, (raw.text, form.text)
+    assert_answers_match([raw.json(), form.json()], [data, data], reference)
+
+
+BAD_IMAGES = ["empty.png", "text.png", "random.jpg", "truncated.png", "truncated.jpg", "truncated.dcm",
+              "bomb.png", "tiny.png", "multiframe.dcm", "rgb.dcm", "no_pixels.dcm"]
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_bad_image_gets_a_4xx_with_its_reason_and_the_replica_keeps_serving(served, phantom_root, name):
+    data, reason = bad_files()[name]
+    response = post_image(served, data, "application/octet-stream")
+    expected_status, expected_reason = (400, "empty") if not data else (422, reason)
+    assert response.status_code == expected_status, response.text
+    assert expected_reason in response.json()["reason"]
+    assert SECRET_PATIENT not in response.text
+    assert_still_serving(served, phantom_root)
+
+
+@pytest.mark.parametrize("content_type, body, status, error", [
+    ("text/plain", b"/etc/passwd", 415, "unsupported_content_type"),  # a server-side path is just bad content
+    ("application/json", b'{"path": "/etc/passwd"}', 415, "unsupported_content_type"),
+    ("", b"\x89PNG", 415, "unsupported_content_type"),
+    ("application/octet-stream", b"/etc/passwd", 422, "unusable_image"),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nnot a part", 400, "bad_multipart"),
+    ("application/octet-stream", b"\0" * int(MAX_BODY_MB * 2**20 + 1), 413, "body_too_large"),
+])
+def test_bad_request_gets_a_4xx_json_reason(served, phantom_root, content_type, body, status, error):
+    response = post_image(served, body, content_type)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error and response.json()["reason"]
+    assert_still_serving(served, phantom_root)
+
+
+def test_chunked_body_over_the_limit_is_refused(served, phantom_root):
+    def chunks():
+        for _ in range(int(MAX_BODY_MB * 4)):
+            yield b"\0" * 2**18 * 2  # no Content-Length: the cap must hold while streaming
+
+    response = httpx.post(f"{served}/predict", content=chunks(), timeout=60,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 413, response.text
+    assert_still_serving(served, phantom_root)
+
+
+def test_multipart_without_a_file_and_two_files_are_refused(served):
+    form = b'--xyz\r\nContent-Disposition: form-data; name="path"\r\n\r\n/etc/passwd\r\n--xyz--\r\n'
+    no_file = post_image(served, form, "multipart/form-data; boundary=xyz")
+    assert no_file.status_code == 400 and no_file.json()["error"] == "no_file"
+    data = good_files()["gray8.png"][0]
+    two = httpx.post(f"{served}/predict", files=[("a", ("a.png", data)), ("b", ("b.png", data))], timeout=60)
+    assert two.status_code == 400 and two.json()["error"] == "too_many_files"
+
+
+def test_batch_endpoint_answers_each_file_in_order(served, reference, phantom_root):
+    images = sample_images(phantom_root, 3)
+    bad, reason = bad_files()["multiframe.dcm"]
+    parts = [("files", ("one.png", images[0])), ("files", ("bad.dcm", bad)), ("files", ("two.png", images[1])),
+             ("files", ("three.png", images[2]))]
+    response = httpx.post(f"{served}/predict/batch", files=parts, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == ["one.png", "bad.dcm", "two.png", "three.png"]
+    assert [r["status"] for r in results] == ["ok", "error", "ok", "ok"]
+    assert reason in results[1]["reason"] and SECRET_PATIENT not in response.text
+    assert_answers_match([results[0], results[2], results[3]], images, reference)
+
+
+def test_batch_endpoint_refuses_more_files_than_allowed(served):
+    data = good_files()["gray8.png"][0]
+    response = httpx.post(f"{served}/predict/batch", files=[("f", (f"{i}.png", data)) for i in range(9)], timeout=60)
+    assert response.status_code == 400 and response.json()["error"] == "bad_multipart"
+
+
+def test_64_requests_from_16_clients_all_succeed_and_are_batched(served, reference, phantom_root):
+    images = sample_images(phantom_root, 16) * 4
+    before = httpx.get(f"{served}/stats").json()
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda data: client.post(f"{served}/predict", content=data,
+                                                           headers={"Content-Type": "image/png"}), images))
+    assert [r.status_code for r in responses] == [200] * 64
+    assert_answers_match([r.json() for r in responses], images, reference)
+    after = httpx.get(f"{served}/stats").json()
+    sizes = {int(size): count - before["batch_sizes"].get(size, 0) for size, count in after["batch_sizes"].items()}
+    assert sum(size * count for size, count in sizes.items()) == 64
+    assert max(size for size, count in sizes.items() if count) > 1  # requests shared a forward pass
+    assert sum(sizes.values()) < 64
+
+
+def test_health_and_model_info(served, reference, compact_model):
+    health = httpx.get(f"{served}/healthz")
+    assert health.status_code == 200 and health.json()["model_version"] == reference.version
+    answer = httpx.get(f"{served}/model")
+    info = answer.json()
+    assert info["card"] == ModelCard.read(compact_model[0]).public() and info["card"]["version"] == reference.version
+    assert info["card"]["metrics"]["test"]["accuracy"] > 0.25 and info["card"]["classes"] == reference.classes
+    # No filesystem path of the server reaches a client: not the model folder, not the training data.
+    assert str(compact_model[0].parent) not in answer.text and "/tmp" not in answer.text and "config" not in info["card"]
+    assert info["runtime"]["engine"] == "onnxruntime"
+    assert info["runtime"]["tensorflow_imported"] is False  # the ONNX Runtime replica never loads TensorFlow
+    assert info["serving"]["max_ongoing_requests"] >= info["serving"]["max_batch_size"]
+
+
+def test_deployment_handle_scores_preprocessed_batches_like_classifier(served, reference, phantom_root):
+    from ray import serve
+
+    from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
+
+    batch = np.stack([reference.prepare(data) for data in sample_images(phantom_root, 4)])
+    handle = serve.get_deployment_handle(SERVE_DEPLOYMENT_NAME, app_name=SERVE_APP_NAME)
+    answer = handle.score_arrays.remote(batch).result()
+    np.testing.assert_allclose(answer["probabilities"], reference.predict_arrays(batch).probabilities, atol=1e-5)
+    assert answer["model_version"] == reference.version
+    assert handle.describe.remote().result()["image_size"] == reference.image_size
+
+
+def test_bearer_token_guards_every_endpoint_but_health(served, compact_model, phantom_root, tmp_path):
+    from ray import serve
+
+    from xray_ray.serving import app as serving
+
+    token = "s3cret-" + "x" * 24
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    serve.run(serving.build_app(settings_for(compact_model[0], token_file=str(token_file))),
+              name="xray-ray-secure", route_prefix=SECURE_PREFIX)
+    try:
+        url = served + SECURE_PREFIX
+        image = sample_images(phantom_root, 1)[0]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        for auth in (None, "Bearer wrong", token, f"Basic {token}"):
+            headers = {"Authorization": auth} if auth else {}
+            assert post_image(url, image, headers=headers).status_code == 401
+            assert httpx.get(f"{url}/model", headers=headers).status_code == 401
+            assert httpx.get(f"{url}/stats", headers=headers).status_code == 401
+        good = {"Authorization": f"Bearer {token}"}
+        assert post_image(url, image, headers=good).status_code == 200
+        assert httpx.get(f"{url}/model", headers=good).status_code == 200
+        assert token_file.name not in httpx.get(f"{url}/model", headers=good).text
+        (readme_token_curl,) = [c for c in readme_curl_commands() if "Authorization" in c]
+        command = readme_token_curl.replace("/etc/xray-ray/token", str(token_file)).replace(
+            "http://127.0.0.1:8000", url)
+        done = subprocess.run(["bash", "-c", command + " --fail-with-body --silent"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout)["card"]["version"], done.stdout
+    finally:
+        serve.delete("xray-ray-secure")
+    assert not logs_containing(token)
+
+
+def logs_containing(secret: str) -> list[str]:
+    """Ray session log files (driver, Serve proxy and replicas) that contain `secret`."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [str(path) for path in logs.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+def test_logs_carry_no_patient_fields(served):
+    for name in ("dicom_mono1.dcm", "dicom_mono2.dcm"):
+        assert post_image(served, good_files()[name][0], "application/dicom").status_code == 200
+    for name in ("multiframe.dcm", "rgb.dcm"):
+        assert post_image(served, bad_files()[name][0], "application/dicom").status_code == 422
+    assert not logs_containing(SECRET_PATIENT)
+
+
+def test_settings_refuse_batches_that_cannot_fill(compact_model, tmp_path):
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        settings_for(compact_model[0], max_batch_size=16, max_ongoing_requests=5)
+    with pytest.raises(ValueError, match="model_card.json"):
+        settings_for(tmp_path)
+    assert settings_for(compact_model[0], max_batch_size=16).max_ongoing_requests == 32
+
+
+def test_serve_config_yaml_is_valid_and_builds_the_app(compact_model):
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from xray_ray.config import SERVE_APP_NAME
+    from xray_ray.serving.app import app_builder
+    from xray_ray.serving.settings import ServeSettings
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert (app.name, app.import_path) == (SERVE_APP_NAME, "xray_ray.serving.app:app_builder")
+    args = {**app.args, "model": str(compact_model[0])}  # every key must be a ServeSettings field
+    assert ServeSettings(**args).max_ongoing_requests >= ServeSettings(**args).max_batch_size
+    assert isinstance(app_builder(args), Application)
+
+
+def test_cli_serve_answers_with_its_token_and_stops_cleanly_on_sigterm(compact_model, phantom_root, tmp_path):
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token-123456\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "xray_ray.cli", "serve", "--model", str(compact_model[0]), "--port", str(port),
+               "--num-cpus", "0.5", "--token-file", str(token_file)]
+    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(2)
+        image = sample_images(phantom_root, 1)[0]
+        assert post_image(url, image).status_code == 401
+        answer = post_image(url, image, headers={"Authorization": "Bearer cli-token-123456"})
+        assert answer.status_code == 200, answer.text
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert server.returncode == 0, output[-3000:]
+    assert "cli-token-123456" not in output
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/healthz", timeout=5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent"], "model_card.json"),
+    (["--max-batch-size", "8", "--token-file", "/nonexistent/token"], "No such file"),
+])
+def test_cli_serve_refuses_bad_settings_before_starting_ray(compact_model, args, message):
+    from typer.testing import CliRunner
+
+    from xray_ray.cli import app
+
+    if "--model" not in args:
+        args = ["--model", str(compact_model[0]), *args]
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_scoring_through_serve_gives_the_actor_backends_predictions(served, compact_model, phantom_root, tmp_path):
+    """The scoring job's `serve` backend reaches this app's replicas and answers as its own actors do."""
+    from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
+    from xray_ray.scoring.run import ScoreOptions, read_predictions, score
+
+    frames = {}
+    for backend in ("actors", "serve"):
+        out = tmp_path / backend
+        summary = score(ScoreOptions(archives=[str(phantom_root)], out=str(out), backend=backend,
+                                     model=str(compact_model[0]) if backend == "actors" else None,
+                                     cpus_per_actor=0.5, batch_size=8))
+        frames[backend] = read_predictions(out / summary["run"]).sort_values("path", ignore_index=True)
+    actors, served_rows = frames["actors"], frames["serve"]
+    assert len(actors) == len(served_rows) == 4 * 12 and (actors["status"] == "ok").all()
+    assert list(actors["path"]) == list(served_rows["path"])
+    assert list(actors["predicted_label"]) == list(served_rows["predicted_label"])
+    probability_columns = list(PROBABILITY_COLUMNS.values())
+    np.testing.assert_allclose(served_rows[probability_columns].to_numpy(float),
+                               actors[probability_columns].to_numpy(float), atol=1e-5)
+    assert set(served_rows["model_version"]) == set(actors["model_version"])
+
+
+def readme_curl_commands() -> list[str]:
+    """The README's curl examples for the Serve endpoints, as printed there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Serving single studies"):]
+    return [line for line in section.split("```")[3].splitlines() if line.startswith("curl ")]
+
+
+def test_readme_curl_examples_work_literally(served, tmp_path):
+    """Each curl line of the README, run by a shell against this app (only host, port and files swapped in)."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    files = {"chest.png": good_files()["gray8.png"][0], "study.dcm": good_files()["dicom_mono2.dcm"][0],
+             "a.png": good_files()["gray.jpg"][0], "b.dcm": good_files()["dicom_mono1.dcm"][0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    commands = readme_curl_commands()
+    assert len(commands) >= 4
+    for command in commands:
+        if "Authorization" in command:
+            continue  # the token example: the token test covers the header against a guarded app
+        command = command.replace("http://127.0.0.1:8000", served)
+        done = subprocess.run(["bash", "-c", command + " --fail-with-body --silent --show-error"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        answer = json.loads(done.stdout)
+        assert "label" in answer or "results" in answer or answer.get("status") == "ok", answer

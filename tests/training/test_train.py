@@ -1,0 +1,233 @@
+"""Training: learning proven through the exported model, BatchNorm refresh, Tune reporting and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import COMPACT_CONFIG, EFFICIENTNETB1_CONFIG
+from xray_ray.config import flat_config, load_config
+from xray_ray.model_folder.card import ModelCard
+from xray_ray.model_folder.classifier import Classifier
+
+pytestmark = pytest.mark.timeout(900)
+
+COMPACT = [f"{key}={json.dumps(value)}" for key, value in flat_config(load_config(COMPACT_CONFIG)).items()]
+
+
+def test_compact_backbone_learns_held_out_phantoms(compact_model):
+    _, _, card = compact_model
+    assert card["metrics"]["test"]["accuracy"] >= 0.75, card["metrics"]["test"]
+    assert card["metrics"]["test"]["n"] >= 80
+
+
+def test_model_card_describes_the_export(compact_model, learn_index):
+    from xray_ray.images.index import fingerprint
+
+    out, _, card = compact_model
+    saved = ModelCard.read(out).data
+    assert saved["version"] == card["version"] and saved["version"].startswith("compact-")
+    assert saved["classes"] == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    assert saved["input"]["size"] == 64 and saved["backbone"] == "compact" and saved["synthetic_data"] is True
+    assert saved["index_fingerprint"] == fingerprint(learn_index)
+    assert saved["hyperparameters"]["dropout"] == 0.45 and saved["hyperparameters"]["lra_patience"] == 2
+    assert saved["config"]["model"]["learning_rate"] == 0.002
+    assert {"tensorflow", "keras", "ray"} <= set(saved["versions"])
+    assert saved["training"]["stop_reason"] in ("max_epochs", "stop_patience")
+    assert 1 <= saved["training"]["best_epoch"] <= saved["training"]["epochs_run"]
+    assert set(saved["metrics"]) == {"valid", "test"}
+
+
+def test_training_report_files_are_valid(compact_model):
+    _, reports, card = compact_model
+    report = json.loads((reports / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    for name in ("confusion_matrix.png", "training_curves.png"):
+        width, height = Image.open(reports / name).size
+        assert width >= 400 and height >= 300
+    html = (reports / "index.html").read_text()
+    assert "synthetic" in html.lower() and "compact" in html and "confusion_matrix.png" in html
+
+
+def test_exported_model_predicts_bytes_and_arrays_alike(compact_model, learn_index):
+    out, _, _ = compact_model
+    classifier = Classifier(out)
+    paths = list(learn_index["path"][:6])
+    from_bytes = classifier.predict([open(p, "rb").read() for p in paths])
+    probabilities, errors = classifier.predict_files(paths)
+    assert errors == [""] * 6
+    np.testing.assert_allclose(from_bytes.probabilities, probabilities, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_bytes.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert from_bytes.model_version == ModelCard.read(out).data["version"]
+    assert from_bytes.probabilities.std(axis=0).max() > 1e-3, "answers do not depend on the image"
+
+
+def test_undecodable_input_never_reaches_the_model(compact_model):
+    from xray_ray.images.decode import ImageDecodeError
+
+    classifier = Classifier(compact_model[0])
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        classifier.predict([b"this is not an image at all"])
+    _, errors = classifier.predict_files(["/nonexistent/file.png"])
+    assert errors[0].startswith("unreadable file")
+
+
+def test_export_refuses_to_overwrite_silently(compact_model, learn_index):
+    from xray_ray.training.run import train_and_export
+
+    out, reports, _ = compact_model
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_and_export(learn_index, load_config(None, COMPACT), out, reports)
+
+
+def _accuracy(probabilities, y) -> float:
+    return float((np.asarray(probabilities).argmax(1) == y).mean())
+
+
+@pytest.mark.parametrize("config_file, overrides, per_class", [
+    # Momentum 0.999 makes the compact CNN's statistics lag on purpose.
+    pytest.param(COMPACT_CONFIG, ["model.bn_momentum=0.999", "lra.epochs=12"], 80, id="compact"),
+    # The origin's momentum (0.99) over a few dozen steps: the lag the issue measured. The
+    # training images are few, so this shows EfficientNetB1 learning them, not generalising;
+    # benchmarks/bench_train.py holds the longer run with held-out figures. The 56 images fit
+    # one refresh batch: averaged over several small batches, this deep network's statistics
+    # fall short of the whole set's (measured 0.66 against 0.82 with batches of 32 and 24).
+    pytest.param(EFFICIENTNETB1_CONFIG, ["model.bn_momentum=0.99", "lra.epochs=30", "data.split=[0.7, 0.3, 0.0]"], 20,
+                 id="efficientnetb1"),
+])
+def test_backbone_learns_from_scratch_and_refreshed_inference_matches_batch_statistics(
+        learn_index, config_file, overrides, per_class):
+    """Learning shown through inference mode (`predict`) once the BatchNorm statistics are refreshed.
+
+    The reference is what the trained weights compute when BatchNorm normalises by the training
+    set's own statistics, dropout off; lagging moving averages pull inference mode away from
+    it, and the refresh brings it back.
+    """
+    from xray_ray.training.network import (
+        predict_with_batch_statistics,
+        refresh_batchnorm,
+    )
+    from xray_ray.training.run import fit, prepare_training_data
+
+    config = load_config(config_file, [*overrides, "train.bn_refresh_batches=0"])
+    training = prepare_training_data(learn_index.groupby("label").head(per_class), config)
+    model = fit(training, config).model
+    rows = training.train.to_pandas()
+    x = np.stack([np.asarray(i, np.float32) for i in rows["image"]])
+    y = np.stack([np.asarray(v) for v in rows["y"]]).argmax(1)
+    learned = _accuracy(predict_with_batch_statistics(model, x, len(x)), y)  # the training set's own statistics
+    stale = _accuracy(model.predict(x, verbose=0), y)
+    assert learned >= 0.5, f"training accuracy {learned:.2f} is not clearly above chance (0.25)"
+    batch = config.train.bn_refresh_batch_size
+    used = refresh_batchnorm(model, (x[i:i + batch] for i in range(0, len(x), batch)), 50)
+    refreshed = _accuracy(model.predict(x, verbose=0), y)
+    assert used == -(-len(x) // batch)
+    assert abs(refreshed - learned) <= 0.1, (stale, refreshed, learned)
+    assert refreshed > stale, (stale, refreshed, learned)
+
+
+def test_weights_error_names_the_file_and_folder(tmp_path, monkeypatch):
+    from xray_ray.config import ModelConfig
+    from xray_ray.training import network as model
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(model, "EFFICIENTNET_WEIGHTS_URL", "http://127.0.0.1:9/efficientnetb1_notop.h5")
+    with pytest.raises(model.WeightsUnavailableError) as err:
+        model.resolve_weights(ModelConfig(weights="imagenet"))
+    message = str(err.value)
+    assert "efficientnetb1_notop.h5" in message and str(tmp_path / "keras" / "models") in message
+    assert "model.weights=none" in message
+    with pytest.raises(model.WeightsUnavailableError, match="no pretrained weights"):
+        model.resolve_weights(ModelConfig(backbone="compact", weights="imagenet"))
+    with pytest.raises(model.WeightsUnavailableError, match="no such file"):
+        model.resolve_weights(ModelConfig(weights=str(tmp_path / "missing.h5")))
+
+
+@pytest.mark.parametrize("trainable, frozen_first", [("head", True), ("block7a", True), ("all", False)])
+def test_trainability_choices(trainable, frozen_first):
+    from xray_ray.config import ModelConfig
+    from xray_ray.training.network import build_model
+
+    model = build_model(ModelConfig(weights="none", trainable=trainable), 64)
+    backbone = model.get_layer("backbone")
+    assert backbone.layers[3].trainable is not frozen_first
+    assert model.get_layer("head_dense").trainable and model.optimizer is not None
+    if trainable == "block7a":
+        assert backbone.get_layer("top_conv").trainable
+
+
+def test_efficientnetb1_end_to_end_fit_export_reload(learn_index, tmp_path):
+    """The origin's network through the same path: fit with LRA, BN refresh, export, reload, identical answers."""
+    from xray_ray.model_folder import export
+    from xray_ray.training.run import fit, prepare_training_data
+
+    small = learn_index.groupby("label").head(12)
+    config = load_config(None, ["data.image_size=64", "data.split=[0.5, 0.5, 0.0]", "model.weights=none",
+                                "lra.epochs=2", "train.bn_refresh_batches=2", "data.batch_size=16",
+                                "train.bn_refresh_batch_size=16"])
+    training = prepare_training_data(small, config)
+    result = fit(training, config)
+    assert len(result.epochs) == 2 and result.bn_refresh_batches == 2
+    card = export.build_card("effb1", config, training={"epochs_run": 2}, index_fingerprint="x",
+                             split_counts={}, synthetic=True)
+    export.export_model(result.model, tmp_path / "effb1", card)
+    images = np.stack([np.asarray(i, np.float32) for i in training.valid.to_pandas()["image"]])
+    expected = np.asarray(result.model.predict_on_batch(images))
+    got = Classifier(tmp_path / "effb1", engine="keras").predict_arrays(images).probabilities
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_tune_trainable_reports_each_epoch_and_resumes_from_its_checkpoint(learn_index, tmp_path):
+    """A trial that fails after epoch 1 is retried by Tune and continues at epoch 2 from its checkpoint."""
+    from ray import tune
+
+    from xray_ray.training.run import prepare_training_data, tune_trainable
+
+    config = load_config(None, COMPACT + ["lra.epochs=3"])
+    training = prepare_training_data(learn_index.groupby("label").head(30), config)
+    marker = tmp_path / "failed-once"
+
+    def flaky(params, training, config):
+        if not marker.exists():
+            marker.touch()
+            tune_trainable({**params, "lra.epochs": 1}, training, config)
+            raise RuntimeError("simulated worker loss after epoch 1")
+        tune_trainable(params, training, config)
+
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(flaky, training=training, config=config), {"cpu": 1}),
+        param_space={"model.dropout": 0.3},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="resume",
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    history = results[0].metrics_dataframe
+    # The retry starts at epoch 2 (epoch 1's report may be lost with the failed attempt; its checkpoint is not).
+    epochs = history["epoch"].tolist()
+    assert epochs[-2:] == [2, 3] and epochs.count(1) <= 1, epochs
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "best_epoch"} <= set(history.columns)
+    assert results[0].checkpoint is not None
+    state = json.loads((Path(results[0].checkpoint.to_directory()) / "state.json").read_text())
+    assert state["epoch"] == 3 and len(state["lra"]["epochs"]) == 3
+
+
+def test_cli_evaluate_reproduces_the_cards_test_split(compact_model, learn_index, tmp_path):
+    from typer.testing import CliRunner
+
+    from xray_ray.cli import app
+    from xray_ray.images.index import save_index
+
+    out, _, card = compact_model
+    save_index(learn_index, tmp_path / "index.parquet")
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(out), "--index", str(tmp_path / "index.parquet"),
+                                      "--split", "test", "--report-dir", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    assert "differs" not in result.output

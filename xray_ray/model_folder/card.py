@@ -1,0 +1,180 @@
+"""`ModelCard`: the only reader and writer of `model_card.json`, the contract of a model folder.
+
+Serve, scoring, evaluation and export all learn what a model is from here: its class names
+in output order, its input size (taken from the network's own input shape at export),
+its version, the digests of its files and which engine can run it. A file is used only
+after its sha256 matches the card, so a replaced or corrupt `model.keras` or `model.onnx`
+is refused instead of answering.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from xray_ray.config import CLASS_NAMES
+from xray_ray.files import atomic_write_text, sha256_file
+
+MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "model_card.json"
+ENGINES = ("auto", "onnxruntime", "keras")
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024
+"""Bounds on the card's input size: a card is data, and a huge size would be a memory bomb."""
+PREPROCESSING = (
+    "xray_ray.images.preprocess: decode to 8-bit grayscale (DICOM modality/VOI LUT, MONOCHROME1 inverted), "
+    "pad to square with black, resize bilinear to size x size, replicate to 3 channels, float32 0-255"
+)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine asked for cannot run this model folder (the message says why)."""
+
+
+def package_version(package: str) -> str:
+    """The installed version of `package`, or "not installed"."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def framework_versions() -> dict[str, str]:
+    """Versions of what trained (and will load) the model."""
+    packages = ("xray-ray", "tensorflow", "keras", "ray", "numpy", "onnxruntime", "tf2onnx", "onnx")
+    return {"python": platform.python_version(), **{name: package_version(name) for name in packages}}
+
+
+class ModelCard:
+    """An exported model folder's card: read once, checked, and asked instead of the raw JSON."""
+
+    def __init__(self, folder: str | Path, data: dict) -> None:
+        self.folder = Path(folder)
+        self.data = data
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelCard:
+        """The card of `folder`, with a clear error when it is not an exported model or is malformed."""
+        path = Path(folder) / CARD_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not an exported model: {CARD_FILE} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        card = cls(folder, data)
+        card.check()
+        return card
+
+    def check(self) -> None:
+        """Raise ValueError for a card no engine should trust: wrong classes, a bad input size."""
+        if self.data.get("classes") != list(CLASS_NAMES):
+            raise ValueError(f"{self.folder / CARD_FILE}: classes {self.data.get('classes')} are not {list(CLASS_NAMES)}")
+        size = self.data.get("input", {}).get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+            raise ValueError(f"{self.folder / CARD_FILE}: input size {size!r} is not a whole number in "
+                             f"[{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]")
+        if not isinstance(self.data.get("version"), str):
+            raise ValueError(f"{self.folder / CARD_FILE}: no model version")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["input"]["size"])
+
+    @property
+    def version(self) -> str:
+        return self.data["version"]
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.data.get("synthetic_data", False))
+
+    def verified_file(self, name: str) -> Path:
+        """The path of a model file whose sha256 matches the card's; ValueError otherwise."""
+        path = self.folder / name
+        expected = self.data.get("files", {}).get(name, {}).get("sha256")
+        if not expected:
+            raise ValueError(f"the model card records no sha256 for {name}")
+        if not path.is_file():
+            raise ValueError(f"{name} is missing from {self.folder}")
+        digest = sha256_file(path)
+        if digest != expected:
+            raise ValueError(f"{path} is corrupt or was replaced: its sha256 {digest[:12]}... does not match "
+                             f"the card's {expected[:12]}...")
+        return path
+
+    def onnx_file(self) -> tuple[Path | None, str]:
+        """(path to a usable, verified model.onnx, '') or (None, why it cannot be used)."""
+        section = self.data.get("onnx")
+        if not section:
+            return None, "the model card has no ONNX export (exported before ONNX support, or without it)"
+        if not section.get("usable"):
+            return None, f"the model card marks {ONNX_FILE} unusable: {section.get('reason', 'no reason given')}"
+        try:
+            return self.verified_file(ONNX_FILE), ""
+        except ValueError as err:
+            return None, str(err)
+
+    def choose_engine(self, engine: str = "auto") -> tuple[str, Path, str]:
+        """(engine, verified file, why ONNX Runtime is not used or '') for `engine` auto, onnxruntime or keras.
+
+        auto takes ONNX Runtime when `model.onnx` is usable and falls back to Keras; either
+        way the file is checked against the card. EngineUnavailableError when nothing can run.
+        """
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        reason = ""
+        if engine != "keras":
+            path, reason = self.onnx_file()
+            if path is not None:
+                return "onnxruntime", path, ""
+            if engine == "onnxruntime":
+                raise EngineUnavailableError(f"cannot use the onnxruntime engine for {self.folder}: {reason}")
+        try:
+            return "keras", self.verified_file(MODEL_FILE), reason
+        except ValueError as err:
+            raise EngineUnavailableError(f"cannot use the keras engine for {self.folder}: {err}"
+                                         + (f"; and {reason}" if reason else "")) from None
+
+    def update(self, **fields: Any) -> ModelCard:
+        """Add or replace top-level fields (e.g. metrics after evaluation) and write the card atomically."""
+        self.data = {**self.data, **fields}
+        write_card(self.folder, self.data)
+        return self
+
+    def public(self) -> dict:
+        """What may be shown to any client: version, classes, metrics and settings; no paths, no full config."""
+        keep = ("name", "version", "created_at", "classes", "input", "preprocessing", "backbone", "weights",
+                "hyperparameters", "metrics", "calibration", "ood", "synthetic_data", "versions", "split_counts",
+                "index_fingerprint")
+        shown = {key: self.data[key] for key in keep if key in self.data}
+        shown["files"] = {name: {"sha256": entry.get("sha256")} for name, entry in self.data.get("files", {}).items()}
+        if "onnx" in self.data:
+            shown["onnx"] = {k: v for k, v in self.data["onnx"].items() if k in ("usable", "opset", "parity", "converter")}
+        if "tune" in self.data:
+            shown["tune"] = {k: v for k, v in self.data["tune"].items() if k != "storage_path"}
+        return shown
+
+
+def write_card(folder: str | Path, data: dict) -> None:
+    """Write `model_card.json` in `folder` atomically."""
+    atomic_write_text(Path(folder) / CARD_FILE, json.dumps(data, indent=2))

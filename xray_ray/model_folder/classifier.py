@@ -1,0 +1,154 @@
+"""`Classifier`: an exported model folder, loaded once, answering batches of images.
+
+Serve replicas, scoring actors and evaluation all use this class, so they decode and
+preprocess exactly as training did (images.preprocess) and stamp every answer with the
+model's version and the engine that produced it. Undecodable input raises ImageDecodeError
+before it reaches the model.
+
+Two engines run the same exported model: ONNX Runtime (`model.onnx`, the default wherever
+the card marks it usable and its sha256 matches) and Keras (`model.keras`). With ONNX
+Runtime this module never imports TensorFlow or Keras, which saves seconds of start-up
+and gigabytes per serving or scoring process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xray_ray.images.decode import ImageDecodeError, decode, read_image
+from xray_ray.images.preprocess import preprocess
+from xray_ray.model_folder.card import EngineUnavailableError, ModelCard
+from xray_ray.model_folder.engines import onnx_session, setup_tensorflow
+
+log = logging.getLogger(__name__)
+
+ImageInput = bytes | np.ndarray
+
+
+@dataclass
+class Predictions:
+    """Per-class probabilities for a batch, with what produced them."""
+
+    probabilities: np.ndarray  # (N, classes), rows sum to 1
+    classes: list[str]
+    model_version: str
+    engine: str
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.classes[i] for i in self.probabilities.argmax(axis=1)]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(axis=1)
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready answer per image."""
+        return [
+            {"label": label, "confidence": float(p.max()),
+             "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+             "model_version": self.model_version, "engine": self.engine}
+            for label, p in zip(self.labels, self.probabilities)
+        ]
+
+
+class Classifier:
+    """An exported model, ready to predict; cheap to call, expensive to construct (load once per process).
+
+    `engine`: "auto" (ONNX Runtime when `model.onnx` is usable, else Keras), "onnxruntime"
+    (raises EngineUnavailableError when the file is missing, failed parity or is corrupt) or
+    "keras". `threads` overrides ONNX Runtime's intra-op thread count (see `onnx_threads`).
+    """
+
+    def __init__(self, model_dir: str | Path, engine: str = "auto", threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.card = ModelCard.read(self.model_dir)
+        self.classes: list[str] = self.card.classes
+        self.image_size: int = self.card.image_size
+        self.version: str = self.card.version
+        self.provider: str | None = None
+        self.threads: int | None = None
+        chosen, path, reason = self.card.choose_engine(engine)
+        self._run = None
+        if chosen == "onnxruntime":
+            try:
+                self._run = self._load_onnxruntime(path, threads)
+            except Exception as err:
+                reason = f"ONNX Runtime cannot load {path} ({type(err).__name__}: {err})"
+                if engine == "onnxruntime":
+                    raise EngineUnavailableError(f"cannot use the onnxruntime engine: {reason}") from err
+                chosen, path, _ = self.card.choose_engine("keras")
+        if self._run is None:
+            if engine == "auto":
+                log.warning("%s: using the keras engine because %s", self.model_dir.name, reason)
+            self._run = self._load_keras(path)
+        log.info("%s (%s) on %s%s", self.version, self.model_dir, self.engine,
+                 f" [{self.provider}, {self.threads} threads]" if self.engine == "onnxruntime" else "")
+
+    def _load_keras(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+        setup_tensorflow()
+        import keras  # the fallback engine; TensorFlow only ever loads in processes that use it
+
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+        self.engine = "keras"
+        return model.predict_on_batch
+
+    def _load_onnxruntime(self, path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+        session = onnx_session(path, threads)
+        self.provider = session.get_providers()[0]  # what ORT actually uses (CUDA falls back without a GPU)
+        self.threads = session.get_session_options().intra_op_num_threads
+        self.engine = "onnxruntime"
+        input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+        log.info("ONNX Runtime on %s with %d intra-op threads", self.provider, self.threads)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run([output_name], {input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+        return run
+
+    def describe(self) -> dict:
+        """What answers: model version, engine, provider and threads (for Serve's model info and logs)."""
+        return {"model_version": self.version, "engine": self.engine, "provider": self.provider,
+                "threads": self.threads, "classes": list(self.classes), "image_size": self.image_size}
+
+    def prepare(self, image: ImageInput) -> np.ndarray:
+        """File bytes or a decoded 2-D grayscale array -> the model's input (images.preprocess)."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode(bytes(image))
+        return preprocess(image, self.image_size)
+
+    def predict_arrays(self, batch: np.ndarray) -> Predictions:
+        """Predict already-preprocessed inputs of shape (N, size, size, 3)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = (self.image_size, self.image_size, 3)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"expected a batch of shape (N, {expected[0]}, {expected[1]}, 3), got {batch.shape}")
+        probabilities = np.asarray(self._run(batch), dtype=np.float64) if len(batch) else \
+            np.zeros((0, len(self.classes)))
+        return Predictions(probabilities, self.classes, self.version, self.engine)
+
+    def predict(self, images: Sequence[ImageInput]) -> Predictions:
+        """Predict raw file bytes or decoded arrays; raises ImageDecodeError for an unusable one."""
+        return self.predict_arrays(np.stack([self.prepare(image) for image in images]) if len(images) else
+                                   np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+
+    def predict_files(self, paths: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
+        """Probabilities for files (NaN rows where unusable) and the error reason per file ('' when fine)."""
+        probabilities = np.full((len(paths), len(self.classes)), np.nan)
+        errors = [""] * len(paths)
+        for start in range(0, len(paths), batch_size):
+            good, inputs = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    inputs.append(self.prepare(read_image(paths[i])))
+                    good.append(i)
+                except ImageDecodeError as err:
+                    errors[i] = err.reason
+            if inputs:
+                probabilities[good] = self.predict_arrays(np.stack(inputs)).probabilities
+        return probabilities, errors

@@ -1,0 +1,137 @@
+"""Report figures: confusion matrix, training curves, histograms, several curves on one axes.
+
+Drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global
+backend switch, safe in Ray workers without a display. PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from xray_ray.files import atomic_path
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Render `fig` with Agg to a PNG at 100 dpi, atomically."""
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
+def plot_confusion_matrix(path: str | Path, confusion, class_names: Iterable[str], title: str) -> Path:
+    """Counts in each cell, coloured by the share of the true class (row) they represent."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    names = list(class_names)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(counts):
+        label = f"{count}\n{shares[i, j]:.0%}" if totals[i, 0] else str(count)
+        ax.text(j, i, label, ha="center", va="center", fontsize=10, color="white" if shares[i, j] > 0.55 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="Share of the true class")
+    return _save(fig, path)
+
+
+def _series(epochs: list[dict], key: str) -> np.ndarray:
+    """The values of `key` across epochs as floats, NaN where missing (matplotlib leaves a gap)."""
+    return np.array([np.nan if e.get(key) is None else float(e[key]) for e in epochs])
+
+
+def plot_training_curves(path: str | Path, epochs: list[dict], title: str, best_epoch: int | None = None) -> Path:
+    """Loss and accuracy per epoch, train vs validation; best epoch and LR cuts marked.
+
+    `best_epoch` defaults to the last epoch flagged `improved`. A learning-rate change
+    after epoch e (`lr_after != lr`) is drawn as a dotted line between e and e + 1.
+    """
+    if not epochs:
+        raise ValueError("plot_training_curves needs at least one epoch")
+    x = np.array([e["epoch"] for e in epochs], dtype=float)
+    if best_epoch is None:
+        best_epoch = next((e["epoch"] for e in reversed(epochs) if e.get("improved")), None)
+    cuts = [(e["epoch"] + 0.5, e["lr"], e["lr_after"]) for e in epochs
+            if e.get("lr_after") is not None and e.get("lr") is not None and e["lr_after"] != e["lr"]]
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    fig.suptitle(title)
+    for ax, key, name in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
+        for prefix, label, colour in (("", "train", "tab:blue"), ("val_", "validation", "tab:orange")):
+            ax.plot(x, _series(epochs, prefix + key), marker="o", markersize=3, color=colour, label=label)
+        for at, _, _ in cuts:
+            ax.axvline(at, color="grey", linestyle=":", linewidth=1.2)
+        if cuts:  # new learning rates as tick labels above the plot, clear of the curves
+            top = ax.secondary_xaxis("top")
+            top.set_xticks([at for at, _, _ in cuts], [f"lr {after:.2g}" for _, _, after in cuts],
+                           rotation=90, fontsize=7, color="dimgrey")
+            top.tick_params(length=0)
+        if best_epoch is not None and best_epoch in x:
+            value = _series(epochs, "val_" + key)[list(x).index(best_epoch)]
+            ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1)
+            ax.plot([best_epoch], [value], marker="*", markersize=14, color="tab:green", linestyle="none")
+        ax.set(xlabel="Epoch", ylabel=name, title=name, xlim=(x.min() - 0.5, x.max() + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="tab:blue", marker="o", markersize=3, label="train"),
+               Line2D([], [], color="tab:orange", marker="o", markersize=3, label="validation")]
+    if best_epoch is not None and best_epoch in x:
+        handles.append(Line2D([], [], color="tab:green", linestyle="--", marker="*", markersize=10,
+                              label=f"best epoch ({best_epoch})"))
+    if cuts:
+        handles.append(Line2D([], [], color="grey", linestyle=":", label="learning rate reduced"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
+    return _save(fig, path)
+
+
+def plot_histograms(path: str | Path, values_by_class: Mapping[str, list[float]], title: str, xlabel: str) -> Path:
+    """One small histogram per class on a shared x range; empty classes say so."""
+    names = list(values_by_class) or ["(no classes)"]
+    values = [np.asarray(values_by_class.get(name, []), dtype=float) for name in names]
+    values = [v[np.isfinite(v)] for v in values]
+    pooled = np.concatenate(values)
+    unit = pooled.size == 0 or (pooled.min() >= 0 and pooled.max() <= 1)  # probabilities: bins over [0, 1]
+    lo, hi = (0.0, 1.0) if unit else (pooled.min(), pooled.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
+    ncols = min(4, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows + 0.6), layout="constrained")
+    fig.suptitle(title)
+    for ax, name, data in zip(fig.subplots(nrows, ncols, squeeze=False).flat, names, values):
+        ax.set_title(f"{name} (n={data.size})", fontsize=10)
+        ax.set_xlim(bins[0], bins[-1])
+        ax.set_xlabel(xlabel, fontsize=9)
+        if data.size:
+            ax.hist(data, bins=bins, color="tab:blue", edgecolor="white")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        else:
+            ax.text(0.5, 0.5, "no images", transform=ax.transAxes, ha="center", va="center", color="grey")
+            ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_curves(path: str | Path, curves: Mapping[str, list[float]], title: str, xlabel: str, ylabel: str) -> Path:
+    """Several lines on one axes (x = 1, 2, ...), e.g. one validation curve per tuning trial."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, ys in curves.items():
+        ax.plot(np.arange(1, len(ys) + 1), _series([{"y": y} for y in ys], "y"), marker="o", markersize=3, label=name)
+    if not curves:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.set_xlim(0.5, max(len(ys) for ys in curves.values()) + 0.5)
+        fig.legend(loc="outside right upper", fontsize=8, ncols=1 + len(curves) // 16)
+    return _save(fig, path)

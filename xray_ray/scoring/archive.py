@@ -1,0 +1,139 @@
+"""Finding the image files of an archive folder, one at a time, and their ground truth if known.
+
+A nightly archive has any depth and layout, and it may be huge: `walk` is a generator
+over `os.scandir`, so neither the file list nor any image is held in memory. A file is
+picked up by its extension (`images.decode.SUPPORTED_EXTENSIONS`) or, without an extension, by
+the DICOM "DICM" marker. Anything that stops the walk from reaching a file (a folder it
+may not read, a symlink loop, a dangling link) comes out as an entry with an error
+reason instead of an exception, so the scoring job reports it as an error row.
+
+Ground truth is known when the archive uses class folders (the nearest enclosing folder
+whose name is a class, e.g. `<archive>/COVID/images/x.png`) or from a labels CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from xray_ray.config import canonical_label
+from xray_ray.images.decode import SUPPORTED_EXTENSIONS, looks_like_dicom
+from xray_ray.images.synth import SYNTHETIC_MARKER
+
+
+@dataclass(frozen=True)
+class Found:
+    """One archive entry: a candidate image file, or a path the walk could not use (`error` set)."""
+
+    path: str
+    error: str = ""
+
+
+class ArchiveError(ValueError):
+    """An archive root that does not exist or cannot be listed."""
+
+
+def check_root(root: str | Path) -> Path:
+    """The archive root as an absolute path, or ArchiveError saying why it cannot be walked."""
+    path = Path(os.path.abspath(root))
+    if not path.is_dir():
+        raise ArchiveError(f"archive folder not found (or not a folder): {path}")
+    try:
+        with os.scandir(path):
+            pass
+    except OSError as err:
+        raise ArchiveError(f"archive folder cannot be listed: {path}: {err.strerror or err}") from None
+    return path
+
+
+def _is_candidate(entry: os.DirEntry) -> bool:
+    """A supported extension, or no extension and the DICOM marker in the first 132 bytes."""
+    suffix = os.path.splitext(entry.name)[1].lower()
+    if suffix:
+        return suffix in SUPPORTED_EXTENSIONS
+    try:
+        with open(entry.path, "rb") as file:
+            return looks_like_dicom(file.read(132))
+    except OSError:
+        return False  # cannot tell what it is; only named images are reported unreadable
+
+
+def walk(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[Found]:
+    """Yield every image file under `root`: a folder's files, then its subfolders, in name order; hidden names skipped.
+
+    Symlinks are followed; a folder reached twice (a symlink loop, or a second link to it)
+    is reported once as an error instead of being walked again. `exclude` lists folders
+    never entered, e.g. the job's own output folder when it lies inside the archive.
+    """
+    excluded = {os.path.abspath(p) for p in exclude}
+    seen: set[tuple[int, int]] = set()
+    stack = [os.path.abspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                yield Found(folder, "folder skipped: symlink loop (already scanned)")
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as err:
+            yield Found(folder, f"unreadable folder: {err.strerror or err}")
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                mode = entry.stat().st_mode  # follows symlinks
+            except OSError as err:  # dangling link, symlink loop, permission
+                if entry.is_symlink() or os.path.splitext(entry.name)[1].lower() in SUPPORTED_EXTENSIONS:
+                    yield Found(entry.path, f"unreadable file: {err.strerror or err}")
+                continue
+            if stat.S_ISDIR(mode):
+                if entry.path not in excluded:
+                    subfolders.append(entry.path)
+            elif _is_candidate(entry):
+                yield Found(entry.path)
+        stack.extend(reversed(subfolders))  # depth first: the stack holds folders, never files
+
+
+def class_folder_label(path: str, root: str) -> str | None:
+    """The class of the nearest folder between `root` and `path` named after one, else None."""
+    relative = Path(os.path.relpath(path, root))
+    for folder in reversed(relative.parts[:-1]):
+        label = canonical_label(folder)
+        if label is not None:
+            return label
+    return None
+
+
+def read_labels(csv_path: str | Path) -> dict[str, str]:
+    """{absolute path: class} from a CSV with columns `path` (or `file_path`) and `label`.
+
+    Relative paths are relative to the CSV's folder; labels may be spelled like folder
+    names (`viral_pneumonia`). Raises ValueError for a missing column or an unknown label.
+    """
+    csv_path = Path(csv_path)
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    column = next((c for c in ("path", "file_path") if c in frame.columns), None)
+    if column is None or "label" not in frame.columns:
+        raise ValueError(f"{csv_path} needs columns 'path' (or 'file_path') and 'label', has {list(frame.columns)}")
+    labels = {}
+    for path, name in zip(frame[column], frame["label"]):
+        label = canonical_label(name)
+        if label is None:
+            raise ValueError(f"{csv_path}: unknown label {name!r} for {path}")
+        labels[os.path.abspath(csv_path.parent / path)] = label
+    return labels
+
+
+def is_synthetic(roots: Iterable[str | Path]) -> bool:
+    """True when any archive root carries the synthetic-data marker written by xray_ray.synth."""
+    return any((Path(root) / SYNTHETIC_MARKER).is_file() for root in roots)

@@ -1,0 +1,213 @@
+"""The report of one scoring run, written to `<run>/report/` for a clinician-facing reviewer.
+
+Counts per predicted class, a confidence histogram per class, the images to review (the
+model was unsure, or each class's most confident answers, for spot checks), the files
+that could not be read and why, one CSV per class, and, when the true classes are known
+(class folders or a labels CSV), accuracy, per-class figures and a confusion matrix. All
+of it is in `summary.json` and on one `index.html` that explains each number in plain words.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from xray_ray.config import CLASS_NAMES
+from xray_ray.images.synth import SYNTHETIC_NOTE
+from xray_ray.reports.figures import plot_confusion_matrix, plot_histograms
+from xray_ray.reports.html import Image, KeyValues, Links, Metrics, Section, Table, Text, write_html
+from xray_ray.reports.metrics import evaluate
+from xray_ray.reports.tables import (
+    class_rows,
+    write_classification_report,
+    write_csv,
+    write_json,
+)
+from xray_ray.scoring.archive import class_folder_label, is_synthetic
+from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
+
+CLASS_CSV = {name: f"files_{name.replace(' ', '_')}.csv" for name in CLASS_NAMES}
+
+
+def _root_of(path: str, roots: list[Path]) -> Path | None:
+    return next((root for root in roots if path.startswith(str(root) + os.sep)), None)
+
+
+def display_path(path: str, roots: list[Path]) -> str:
+    """`<archive folder name>/<path inside it>`: short, and still unambiguous across archives."""
+    root = _root_of(path, roots)
+    return path if root is None else f"{root.name}/{os.path.relpath(path, root)}"
+
+
+def true_labels(paths: pd.Series, roots: list[Path], labels: dict[str, str] | None) -> pd.Series:
+    """The known class of each path (from `labels`, else its class folder), None where unknown."""
+    if labels is not None:
+        return paths.map(lambda p: labels.get(os.path.abspath(p)))
+    return paths.map(lambda p: class_folder_label(p, str(root)) if (root := _root_of(p, roots)) else None)
+
+
+def _listing(frame: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
+    """Rows as a reviewer reads them: file, answer, confidence, then each class's probability."""
+    shown = pd.DataFrame({"file": [display_path(p, roots) for p in frame["path"]],
+                          "predicted class": frame["predicted_label"], "confidence": frame["confidence"].round(3)})
+    for name, column in PROBABILITY_COLUMNS.items():
+        shown[f"P({name})"] = frame[column].round(3)
+    return shown.assign(path=frame["path"].to_numpy(), sha256=frame["sha256"].to_numpy())
+
+
+def review_list(ok: pd.DataFrame, threshold: float, top_n: int) -> pd.DataFrame:
+    """Answers under `threshold` (least sure first), then each class's `top_n` most confident."""
+    unsure = ok[ok["confidence"] < threshold].sort_values("confidence").assign(why="low confidence")
+    confident = [ok[(ok["predicted_label"] == name) & (ok["confidence"] >= threshold)].nlargest(top_n, "confidence")
+                 .assign(why=f"most confident {name}") for name in CLASS_NAMES]
+    return pd.concat([unsure, *confident])
+
+
+def _counts(ok: pd.DataFrame, threshold: float) -> list[dict]:
+    rows = []
+    for name in CLASS_NAMES:
+        mine = ok[ok["predicted_label"] == name]
+        rows.append({"Predicted class": name, "Images": len(mine),
+                     "Share": f"{len(mine) / len(ok):.1%}" if len(ok) else "–",
+                     "Median confidence": f"{mine['confidence'].median():.2f}" if len(mine) else "–",
+                     f"Below {threshold:.2f}": int((mine["confidence"] < threshold).sum())})
+    return rows
+
+
+def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roots: list[Path],
+                 labels: dict[str, str] | None, threshold: float, top_n: int) -> dict:
+    """Write `<folder>/report/` for the run's rows; returns the summary (also summary.json)."""
+    report = Path(folder) / "report"
+    frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
+    ok, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    listing = _listing(ok, roots)
+    for name, file in CLASS_CSV.items():
+        write_csv(report / file, listing[ok["predicted_label"].to_numpy() == name]
+                          .sort_values("confidence", ascending=False))
+    review = review_list(ok, threshold, top_n)
+    review_rows = _listing(review, roots).assign(why=review["why"].to_numpy())
+    review_rows = review_rows[["why", *review_rows.columns[:-1]]]
+    write_csv(report / "review.csv", review_rows)
+    error_rows = pd.DataFrame({"file": [display_path(p, roots) for p in errors["path"]],
+                               "reason": errors["error_reason"], "path": errors["path"]})
+    write_csv(report / "errors.csv", error_rows)
+    counts = _counts(ok, threshold)
+    write_csv(report / "counts.csv", counts)
+    plot_histograms(report / "confidence_by_class.png",
+                            {name: ok.loc[ok["predicted_label"] == name, "confidence"].tolist() for name in CLASS_NAMES},
+                            "How sure the model was, by predicted class", "confidence")
+
+    truth = true_labels(ok["path"], roots, labels)
+    known = truth.notna()
+    evaluation = None
+    if known.any():
+        evaluation = evaluate(truth[known].tolist(), ok.loc[known, list(PROBABILITY_COLUMNS.values())].to_numpy())
+        write_classification_report(report, evaluation)
+        plot_confusion_matrix(report / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
+                                      f"True against predicted class ({evaluation.n} images)")
+    synthetic = is_synthetic(roots)
+    summary = {
+        "run": state["run"], "model_version": state["model_version"],
+        "engines": sorted(frame["engine"].dropna().unique().tolist()) or [state["engine"]],
+        "archives": state["archives"], "synthetic_data": synthetic, "started_at": state["started_at"],
+        "finished_at": state.get("finished_at"), "files": len(frame), "scored": len(ok), "errors": len(errors),
+        "found_this_time": state.get("found"), "scored_this_time": state.get("scored_now"),
+        "skipped_already_scored": state.get("skipped_already_scored"),
+        "per_class": {row["Predicted class"]: row["Images"] for row in counts},
+        "review_threshold": threshold, "below_threshold": int((ok["confidence"] < threshold).sum()), "top_n": top_n,
+        "error_reasons": errors["error_reason"].value_counts().to_dict(),
+        "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
+                                                         "class folders", **evaluation.as_dict()},
+    }
+    write_json(report / "summary.json", summary)
+    _write_page(report, summary, counts, review_rows, error_rows, evaluation)
+    return summary
+
+
+def _accuracy_section(evaluation, source: str) -> Section:
+    return Section("How often the model was right (images whose true class is known)", [
+        Metrics({"Accuracy": f"{evaluation.accuracy:.1%}", "Images with a known class": evaluation.n}),
+        Text(f"The true class comes from {source}. Accuracy is the share of these images the model put in "
+             "their true class."),
+        Table(class_rows(evaluation)),
+        Text("Recall (sensitivity): of the images truly in a class, the share the model found. Precision: of the "
+             "images the model put in a class, the share that truly belong there. F1 combines both (1.00 is perfect)."),
+        Image("confusion_matrix.png", "Confusion matrix of true against predicted classes",
+              "Rows are the true class, columns the model's answer; the diagonal holds the correct answers."),
+    ])
+
+
+def _review_blocks(review_rows: pd.DataFrame, threshold: float, top_n: int) -> list:
+    """Two short tables (file, answer, confidence): the least sure answers, then each class's most confident."""
+    shown = review_rows[["file", "predicted class", "confidence"]]
+    unsure = review_rows["why"] == "low confidence"
+    return [
+        Text(f"Least sure: the images where the model's confidence was below {threshold:.2f}, least sure first. "
+             "These are the answers to check first."),
+        Table(shown[unsure], max_rows=25, full_file="review.csv") if unsure.any() else Text("None."),
+        Text(f"Most sure: the {top_n} most confident images of each predicted class, for spot checks. The CSV "
+             "also gives the probability the model gave every class."),
+        Table(shown[~unsure], max_rows=4 * top_n, full_file="review.csv") if (~unsure).any() else Text("None."),
+    ]
+
+
+def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd.DataFrame,
+                error_rows: pd.DataFrame, evaluation) -> Path:
+    """index.html: every figure of the summary, each explained in plain words."""
+    threshold, top_n = summary["review_threshold"], summary["top_n"]
+    notes = ["The model's answers help decide which images to look at first; they are not a diagnosis."]
+    if summary["synthetic_data"]:
+        notes.insert(0, f"Synthetic data: these images are {SYNTHETIC_NOTE}. The numbers only show that the "
+                        "scoring works end to end and say nothing about real patients.")
+    skipped = summary["skipped_already_scored"] or 0
+    sections = [
+        Section("Summary", [
+            Metrics({"Images scored": summary["scored"], "Could not be read": summary["errors"],
+                     f"Unsure (confidence below {threshold:.2f})": summary["below_threshold"],
+                     **({"Accuracy (known classes)": f"{evaluation.accuracy:.1%}"} if evaluation else {})}),
+            Text(f"The model {summary['model_version']} (engine: {', '.join(summary['engines'])}) gave an answer "
+                 f"for {summary['scored']} images of this run; {summary['errors']} files could not be read and "
+                 "are listed below with the reason."
+                 + (f" {skipped} files had already been scored by this model version in an earlier run and were "
+                    "not scored again." if skipped else "")),
+        ]),
+        Section("What the model found", [
+            Table(counts),
+            Text("Each image is put in the class the model finds most likely. Confidence is the probability the "
+                 "model gives that class: 0.25 means it could be any of the four classes, 1.00 that the model is "
+                 "certain. It is the model's own estimate, not a measured accuracy."),
+        ]),
+        Section("How sure the model was", [
+            Image("confidence_by_class.png", "Histograms of the model's confidence, one per predicted class",
+                  "Each panel counts the images put in one class by how confident the model was; bars on the "
+                  "left are answers to check more carefully."),
+        ]),
+        Section("Images to review", _review_blocks(review_rows, threshold, top_n)),
+    ]
+    if evaluation is not None:
+        source = summary["ground_truth"]["source"]
+        sections.append(_accuracy_section(evaluation, "the folder each image is in" if source == "class folders"
+                                          else "the labels file given to the run"))
+    sections += [
+        Section("Files that could not be read", [
+            Text("These files were not scored; the reason says what is wrong with each file. "
+                 "They did not stop the run."),
+            Table(error_rows.drop(columns=["path"]), max_rows=100, full_file="errors.csv")
+            if len(error_rows) else Text("None: every file was readable."),
+        ]),
+        Section("Lists to download", [Links({
+            **{f"Images predicted {name} (CSV)": file for name, file in CLASS_CSV.items()},
+            "Images to review (CSV)": "review.csv", "Files that could not be read (CSV)": "errors.csv",
+            "Counts per class (CSV)": "counts.csv", "Everything above, for programs (JSON)": "summary.json"})]),
+        Section("About this run", [KeyValues({
+            "Run": summary["run"], "Model version": summary["model_version"],
+            "Engine": ", ".join(summary["engines"]), "Archive folders": summary["archives"],
+            "Started": summary["started_at"], "Finished": summary["finished_at"],
+            "Files found this time": summary["found_this_time"],
+            "Scored this time": summary["scored_this_time"], "Skipped (already scored)": skipped,
+            "Review threshold": threshold, "Most confident listed per class": top_n,
+            "All predictions (Parquet)": "../predictions/"})]),
+    ]
+    return write_html(report / "index.html", f"X-ray archive scoring: run {summary['run']}", sections, notes)

@@ -1,0 +1,281 @@
+"""Nightly archive scoring: discovery, the Ray Data pipeline, committed parts, ledger, report.
+
+One call of `score` is one run: `<out>/<run>/` (the date by default, `.2`, `.3`... when a
+different model version already scored that date) receives `predictions/part-*.parquet`
+as results stream in, each part written atomically and recorded in the ledger
+(`scoring.ledger`), then `report/`. Files whose content the ledger already holds for this
+model version are skipped, so running the same night again scores nothing new, the next
+night scores only new files, and a new model version rescores everything. A run killed
+half way (driver or actor) is completed by running the same command again: committed
+parts stay, their files are skipped, the rest is scored. A lock on `<out>` keeps two
+drivers from writing the same output at once.
+
+Errors that stop a run before it starts are `ScoreError`s with an exit code: 2 bad
+configuration, 3 unusable model (or no running Serve app), 4 unreachable archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from xray_ray.config import CLASS_NAMES
+from xray_ray.files import atomic_path, atomic_write_text
+from xray_ray.model_folder.card import ModelCard
+from xray_ray.ray_runtime import ensure_ray
+from xray_ray.scoring import archive, ledger
+from xray_ray.scoring.pipeline import (
+    PREDICTION_COLUMNS,
+    ActorScorer,
+    ServeScorer,
+    read_chunks,
+    serve_handle,
+)
+from xray_ray.scoring.report import write_report
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("actors", "serve")
+RUN_FILE = "run.json"
+
+
+class ScoreError(RuntimeError):
+    """A run that cannot start; `exit_code` 2 configuration, 3 model, 4 archive."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class ScoreOptions:
+    """Everything one scoring run needs; `check` validates it before any work starts."""
+
+    archives: list[str]
+    out: str
+    model: str | None = None  # exported model folder; optional with backend "serve"
+    backend: str = "actors"  # actors | serve
+    engine: str = "auto"  # auto | onnxruntime | keras (actors backend)
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads: int = 0  # ONNX Runtime intra-op threads per actor; 0: the CPUs Ray gave the actor
+    batch_size: int = 32
+    read_cpus: float = 0.5  # CPUs reserved per read/decode task: fractional so actors never starve reading
+    labels: str | None = None  # CSV of (path, label) ground truth; class folders are used otherwise
+    review_threshold: float = 0.6
+    top_n: int = 10
+    run: str | None = None  # run folder name; default today's date
+    commit_rows: int = 1000  # rows per committed predictions part (at least one task's files)
+    files_per_task: int = 256  # files per read task; results arrive (and are committed) a task at a time
+    object_store_mb: int = 256  # cap on decoded inputs waiting for the model: memory stays flat in archive size
+
+    def check(self) -> None:
+        """Raise ScoreError(exit 2) for a setting that cannot work."""
+        problems = []
+        if not self.archives:
+            problems.append("give at least one --archive")
+        if self.backend not in BACKENDS:
+            problems.append(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "actors" and not self.model:
+            problems.append("--model is required with the actors backend")
+        if self.engine not in ("auto", "onnxruntime", "keras"):
+            problems.append(f"--engine must be auto, onnxruntime or keras, not {self.engine!r}")
+        for name in ("actors", "batch_size", "top_n", "commit_rows", "files_per_task", "object_store_mb"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.threads < 0 or self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.read_cpus <= 0:
+            problems.append("--threads, --cpus-per-actor and --gpus-per-actor must be >= 0, --read-cpus > 0")
+        if not 0 <= self.review_threshold <= 1:
+            problems.append(f"--review-threshold must be between 0 and 1, not {self.review_threshold}")
+        if self.labels and not Path(self.labels).is_file():
+            problems.append(f"--labels file not found: {self.labels}")
+        if self.run is not None and (not self.run or self.run.startswith(".") or os.sep in self.run):
+            problems.append(f"--run must be a plain folder name, not {self.run!r}")
+        if problems:
+            raise ScoreError("; ".join(problems), 2)
+
+
+@dataclass
+class ModelInfo:
+    """What will answer: version, engine, input size (from the model card or the Serve app)."""
+
+    version: str
+    engine: str
+    image_size: int
+    classes: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+
+
+def model_info(options: ScoreOptions) -> ModelInfo:
+    """Check that the model (or the Serve app) can answer, without loading it here; ScoreError(3) if not."""
+    if options.backend == "serve":
+        try:
+            info = serve_handle().describe.remote().result()
+        except Exception as err:  # noqa: BLE001 - any failure means there is no app to send batches to
+            raise ScoreError(f"no running Serve application to score with ({type(err).__name__}: {err}); "
+                             "start it with `xray-ray serve` or use --backend actors", 3) from None
+        found = ModelInfo(info["model_version"], info["engine"], int(info["image_size"]), list(info["classes"]))
+    else:
+        found = _card_info(Path(options.model), options.engine)
+    if found.classes != list(CLASS_NAMES):
+        raise ScoreError(f"the model's classes {found.classes} are not {list(CLASS_NAMES)}", 3)
+    return found
+
+
+def _card_info(folder: Path, engine: str) -> ModelInfo:
+    try:
+        card = ModelCard.read(folder)
+        chosen, _, _ = card.choose_engine(engine)
+        return ModelInfo(card.version, chosen, card.image_size, card.classes)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ScoreError(f"cannot use the model in {folder}: {err}", 3) from None
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on `<out>/.lock` (freed by the OS if this process dies)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ScoreError(f"another scoring run is writing to {out}; try again when it has finished", 2) from None
+        yield
+
+
+def run_folder(out: Path, name: str | None, version: str) -> Path:
+    """`<out>/<name>`, or `<name>.2`, `.3`... when that folder holds another model version's run."""
+    base = name or time.strftime("%Y-%m-%d")
+    for n in range(1, 1000):
+        folder = out / (base if n == 1 else f"{base}.{n}")
+        state = folder / RUN_FILE
+        if not state.is_file() or json.loads(state.read_text())["model_version"] == version:
+            return folder
+    raise ScoreError(f"too many runs named {base} in {out}", 2)
+
+
+def write_file_list(roots: list[Path], folder: Path, exclude: Path, chunk_rows: int) -> dict:
+    """Stream the archives' files into Parquet chunks of `chunk_rows` paths; returns counts."""
+    shutil.rmtree(folder, ignore_errors=True)
+    counts, chunk = {"files": 0, "walk_errors": 0}, []
+
+    def flush():
+        if chunk:
+            with atomic_path(folder / f"files-{counts['files'] // chunk_rows:08d}.parquet") as tmp:
+                pd.DataFrame(chunk, columns=["path", "error"]).to_parquet(tmp, index=False)
+            counts["files"] += len(chunk)
+            chunk.clear()
+
+    for root in roots:
+        for found in archive.walk(root, exclude=[exclude]):
+            chunk.append((found.path, found.error))
+            counts["walk_errors"] += bool(found.error)
+            if len(chunk) == chunk_rows:
+                flush()
+    flush()
+    return counts
+
+
+def _write_part(folder: Path, out: Path, frames: list[pd.DataFrame]) -> int:
+    """Commit rows as the next predictions part, then its ledger file; returns the rows written."""
+    if not frames:
+        return 0
+    frame = pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
+    frame["size"] = frame["size"].astype("Int64").mask(frame["size"] < 0)
+    frame["scored_at"] = pd.to_datetime(frame["scored_at"]).dt.tz_localize("UTC")
+    parts = folder / ledger.PARTS_DIR
+    number = 1 + max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=0)
+    part = parts / f"part-{number:05d}.parquet"
+    with atomic_path(part) as tmp:
+        frame.to_parquet(tmp, index=False)
+    ledger.record(out, folder.name, part, frame)
+    return len(frame)
+
+
+def read_predictions(folder: str | Path) -> pd.DataFrame:
+    """All committed prediction rows of one run folder."""
+    parts = sorted((Path(folder) / ledger.PARTS_DIR).glob("part-*.parquet"))
+    if not parts:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+def _scorer(options: ScoreOptions) -> tuple[type, dict, dict]:
+    """The scorer class, its constructor arguments, and the resources each of its actors reserves."""
+    if options.backend == "serve":  # these actors only wait on the Serve replicas, which hold the model
+        return ServeScorer, {}, {"num_cpus": 0.1}
+    threads = options.threads or None  # None: engines.onnx_threads, the CPUs Ray assigned (as in Serve)
+    return (ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads},
+            {"num_cpus": options.cpus_per_actor, "num_gpus": options.gpus_per_actor})
+
+
+def _score_files(options: ScoreOptions, files: Path, info: ModelInfo, known, folder: Path, out: Path) -> int:
+    """Run the pipeline over the file list, committing parts as rows arrive; returns rows written."""
+    import ray  # heavy: imported where the pipeline is built
+
+    scorer, kwargs, resources = _scorer(options)
+    chunks = [{"chunk": str(path)} for path in sorted(files.glob("files-*.parquet"))]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": info.image_size, "known": ray.put(known)},
+                        batch_size=1, batch_format="numpy", num_cpus=options.read_cpus)
+    ds = ds.map_batches(scorer, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=options.actors), **resources)
+    # Reading outruns inference: uncapped, decoded inputs would pile up in the object store in
+    # proportion to the archive. A fixed budget makes the reads wait instead.
+    execution = ds.context.execution_options
+    execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.object_store_mb * 2**20)
+    written, pending, rows = 0, [], 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        pending.append(batch)
+        rows += len(batch)
+        if rows >= options.commit_rows:
+            written += _write_part(folder, out, pending)
+            log.info("%d rows committed", written)
+            pending, rows = [], 0
+    return written + _write_part(folder, out, pending)
+
+
+def score(options: ScoreOptions) -> dict:
+    """Run (or complete) one scoring run and write its report; returns the report's summary."""
+    options.check()
+    try:
+        roots = [archive.check_root(root) for root in options.archives]
+    except archive.ArchiveError as err:
+        raise ScoreError(str(err), 4) from None
+    try:
+        truth = archive.read_labels(options.labels) if options.labels else None
+    except (OSError, ValueError) as err:
+        raise ScoreError(f"cannot read --labels: {err}", 2) from None
+    out = Path(options.out).resolve()
+    if options.backend == "serve":
+        ensure_ray()
+    info = model_info(options)
+    with _locked(out):
+        folder = run_folder(out, options.run, info.version)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        state = {"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
+                 "status": "running", "archives": [str(r) for r in roots], "options": asdict(options)}
+        atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
+        repaired = ledger.reconcile(out)
+        known = ledger.known_keys(out, info.version)
+        files = folder / ".work" / "files"
+        counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task)
+        log.info("%d files found (%d walk errors); %d already scored by %s%s", counts["files"], counts["walk_errors"],
+                 len(known), info.version, f"; {repaired} ledger entries repaired" if repaired else "")
+        ensure_ray()
+        written = _score_files(options, files, info, known, folder, out) if counts["files"] else 0
+        shutil.rmtree(folder / ".work", ignore_errors=True)
+        state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     found=counts["files"], scored_now=written, skipped_already_scored=counts["files"] - written)
+        atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
+        return write_report(folder, read_predictions(folder), state, roots, truth,
+                            threshold=options.review_threshold, top_n=options.top_n)

@@ -1,0 +1,192 @@
+"""The Ray Serve application: an exported model behind HTTP, with dynamic batching.
+
+One deployment holds one `Classifier` per replica and is also the FastAPI ingress, so the
+model sits in memory once per replica; the scoring job's `serve` backend reaches the same
+replicas through a deployment handle (`score_arrays`). Every answer carries the model
+version, the engine and the image's sha256, never a file name or a DICOM patient field.
+
+Bad input is the client's problem and gets a 4xx with a JSON reason (`ApiError`); the
+replica keeps serving. Bodies are read with a size cap before anything parses them, and
+no endpoint takes a server-side path. A bearer token (an environment variable or a file)
+guards every endpoint but /healthz when it is set.
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
+from xray_ray.files import sha256_hex
+from xray_ray.images.decode import ImageDecodeError
+from xray_ray.model_folder.classifier import Classifier, Predictions
+from xray_ray.processes import process_footprint, sigterm_as_interrupt
+from xray_ray.ray_runtime import ensure_ray
+from xray_ray.serving.http import ApiError, uploaded_files
+from xray_ray.serving.settings import ServeSettings, read_token
+
+log = logging.getLogger(__name__)
+
+
+# No interactive docs: they would be endpoints outside the token's guard (the README lists the API).
+api = FastAPI(title="xray-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status, headers=headers)
+
+
+@serve.deployment(name=SERVE_DEPLOYMENT_NAME)
+@serve.ingress(api)
+class XrayClassifier:
+    """One replica: the model loaded once, HTTP routes, and batched inference behind them."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.classifier = Classifier(settings.model, engine=settings.engine)
+        self.token = read_token(settings.token_file)
+        self.limit = int(settings.max_body_mb * 2**20)
+        self.infer.set_max_batch_size(settings.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        log.info("serving %s on %s; batches up to %d; token %s", self.classifier.version,
+                 self.classifier.engine, settings.max_batch_size, "required" if self.token else "off")
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Requests that arrive together share one forward pass (sizes kept for /stats)."""
+        self.batch_sizes[len(images)] += 1
+        predictions = await asyncio.to_thread(self.classifier.predict_arrays, np.stack(images))
+        return list(predictions.probabilities)
+
+    async def _answer(self, data: bytes) -> dict:
+        """The JSON answer for one image's bytes; ApiError when they cannot be used."""
+        if not data:
+            raise ApiError(400, "empty_body", "the image is empty (0 bytes)")
+        try:
+            image = await asyncio.to_thread(self.classifier.prepare, data)
+        except ImageDecodeError as err:
+            raise ApiError(422, "unusable_image", err.reason) from err
+        probabilities = await self.infer(image)
+        (answer,) = Predictions(probabilities[np.newaxis], self.classifier.classes, self.classifier.version,
+                                self.classifier.engine).rows()
+        return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> dict:
+        """One image: a multipart upload or the raw body (PNG, JPEG, TIFF, BMP, DICOM)."""
+        self._authorize(request)
+        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
+        if len(files) > 1:
+            raise ApiError(400, "too_many_files", "send one image here, or several to /predict/batch")
+        return await self._answer(files[0][1])
+
+    @api.post("/predict/batch")
+    async def predict_batch(self, request: Request) -> dict:
+        """Several uploads in one multipart request: one result or one error per file, in order."""
+        self._authorize(request)
+        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
+
+        async def one(name: str, data: bytes) -> dict:
+            try:
+                return {"file": name, "status": "ok", **await self._answer(data)}
+            except ApiError as err:
+                return {"file": name, "status": "error", "error": err.error, "reason": err.reason}
+
+        results = await asyncio.gather(*(one(name, data) for name, data in files))
+        return {"results": list(results), "model_version": self.classifier.version}
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        """200 once this replica has loaded its model (Serve routes nothing to it before)."""
+        return {"status": "ok", "model_version": self.classifier.version}
+
+    @api.get("/model")
+    def model(self, request: Request) -> dict:
+        """The model's public card (version, classes, metrics, settings; no paths), the engine, how this replica serves."""
+        self._authorize(request)
+        serving = {key: value for key, value in asdict(self.settings).items() if key not in ("token_file", "model")}
+        return {"card": self.classifier.card.public(), "runtime": {**self.classifier.describe(), **process_footprint()},
+                "serving": serving}
+
+    @api.get("/stats")
+    def stats(self, request: Request) -> dict:
+        """Batch sizes this replica has run: evidence that requests were batched together."""
+        self._authorize(request)
+        batches = sum(self.batch_sizes.values())
+        images = sum(size * count for size, count in self.batch_sizes.items())
+        return {"batches": batches, "images": images, "mean_batch_size": images / batches if batches else 0.0,
+                "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
+
+    def describe(self) -> dict:
+        """Model version, engine, classes and input size (for the scoring job's serve backend)."""
+        return self.classifier.describe()
+
+    def score_arrays(self, batch: np.ndarray) -> dict:
+        """Probabilities for an already-preprocessed batch (the scoring job's serve backend)."""
+        predictions = self.classifier.predict_arrays(batch)
+        return {"probabilities": predictions.probabilities, "classes": predictions.classes,
+                "model_version": predictions.model_version, "engine": predictions.engine}
+
+
+def build_app(settings: ServeSettings):
+    """The Serve application for `settings`, with replicas, CPUs, GPUs and concurrency applied."""
+    return XrayClassifier.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+    ).bind(settings)
+
+
+def app_builder(args: dict):
+    """Entry point for `serve run` / `serve deploy` of a Serve config: `args` are ServeSettings fields."""
+    return build_app(ServeSettings(**args))
+
+
+def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = SERVE_APP_NAME,
+          route_prefix: str = "/"):
+    """Start Serve's HTTP proxy on host:port (loopback unless told otherwise) and deploy the app.
+
+    Returns the app's deployment handle once its replicas are up. A Serve instance already
+    running keeps its own host and port.
+    """
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_app(settings), name=name, route_prefix=route_prefix)
+
+
+def serve_until_stopped(settings: ServeSettings, host: str, port: int, started: Callable[[], None]) -> None:
+    """`xray-ray serve`: deploy, call `started`, then serve until Ctrl-C or SIGTERM; the app and a Ray
+    started here are stopped on the way out (a cluster keeps running)."""
+    import ray  # already imported by Serve; named here for shutdown
+
+    with sigterm_as_interrupt():
+        try:
+            start(settings, host=host, port=port)
+            started()
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("stopping")
+        finally:
+            try:
+                serve.delete(SERVE_APP_NAME)
+            finally:
+                ray.shutdown()
