@@ -295,3 +295,23 @@ def test_ray_actor_on_onnxruntime_never_imports_tensorflow(models, ray_local):
     assert result["threads"] == 1  # exactly the one CPU Ray reserved for the actor
     _assert_parity(np.asarray(exported.model.predict_on_batch(x)), result["probabilities"])
     assert onnx_threads() == os.cpu_count()  # the driver is not a Ray worker
+
+
+@pytest.mark.parametrize("name", ["compact", "effb1"])
+def test_graph_outputs_features_and_maps_on_both_engines_and_the_head_file_reproduces_the_answer(models, name):
+    """The exported graph's extra outputs agree across engines, and head.npz turns features into the probabilities."""
+    x, _ = phantom_batch(2, seed=13, size=SIZE)
+    names = ("probabilities", "features", "conv_maps")
+    folder = models[name].folder
+    fast, reference = Classifier(folder).forward(x, names), Classifier(folder, engine="keras").forward(x, names)
+    for output in names:
+        scale = np.abs(reference[output]).max()
+        np.testing.assert_allclose(fast[output], reference[output], rtol=0, atol=2e-3 * scale)
+    maps = fast["conv_maps"]
+    pooled = maps.mean(axis=(1, 2)) if models[name].card["pooling"] == "avg" else maps.max(axis=(1, 2))
+    np.testing.assert_allclose(pooled, fast["features"], rtol=1e-4, atol=1e-4 * np.abs(pooled).max())
+    head = Classifier(folder).head()
+    hidden = np.maximum(0, (fast["features"] * head["bn_scale"] + head["bn_shift"]) @ head["dense_w"] + head["dense_b"])
+    logits = hidden @ head["out_w"] + head["out_b"]
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), fast["probabilities"], atol=1e-4)

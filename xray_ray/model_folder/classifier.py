@@ -22,12 +22,14 @@ import numpy as np
 
 from xray_ray.images.decode import ImageDecodeError, decode, read_image
 from xray_ray.images.preprocess import preprocess
-from xray_ray.model_folder.card import EngineUnavailableError, ModelCard
+from xray_ray.model_folder.card import HEAD_FILE, EngineUnavailableError, ModelCard
 from xray_ray.model_folder.engines import onnx_session, setup_tensorflow
+from xray_ray.model_folder.graph import OUTPUTS, inference_model, load_head
 
 log = logging.getLogger(__name__)
 
 ImageInput = bytes | np.ndarray
+Runner = Callable[[np.ndarray, Sequence[str]], list[np.ndarray]]
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Classifier:
         self.version: str = self.card.version
         self.provider: str | None = None
         self.threads: int | None = None
+        self._head: dict[str, np.ndarray] | None = None
         chosen, path, reason = self.card.choose_engine(engine)
         self._run = None
         if chosen == "onnxruntime":
@@ -90,26 +93,54 @@ class Classifier:
         log.info("%s (%s) on %s%s", self.version, self.model_dir, self.engine,
                  f" [{self.provider}, {self.threads} threads]" if self.engine == "onnxruntime" else "")
 
-    def _load_keras(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    def _load_keras(self, path: Path) -> Runner:
         setup_tensorflow()
         import keras  # the fallback engine; TensorFlow only ever loads in processes that use it
 
-        model = keras.models.load_model(path, compile=False, safe_mode=True)
+        model = inference_model(keras.models.load_model(path, compile=False, safe_mode=True))
         self.engine = "keras"
-        return model.predict_on_batch
 
-    def _load_onnxruntime(self, path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+        def run(batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+            outputs = dict(zip(OUTPUTS, model.predict_on_batch(batch)))
+            return [np.asarray(outputs[name]) for name in names]
+
+        return run
+
+    def _load_onnxruntime(self, path: Path, threads: int | None) -> Runner:
         session = onnx_session(path, threads)
         self.provider = session.get_providers()[0]  # what ORT actually uses (CUDA falls back without a GPU)
         self.threads = session.get_session_options().intra_op_num_threads
         self.engine = "onnxruntime"
-        input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+        input_name = session.get_inputs()[0].name
+        available = [output.name for output in session.get_outputs()]
         log.info("ONNX Runtime on %s with %d intra-op threads", self.provider, self.threads)
 
-        def run(batch: np.ndarray) -> np.ndarray:
-            return session.run([output_name], {input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        def run(batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+            missing = [name for name in names if name not in available]
+            if missing == ["probabilities"] and len(available) == 1:  # exported before the graph had named outputs
+                names, missing = available, []
+            if missing:
+                raise ValueError(f"{path} has no output {missing} (exported before it existed): export the model again")
+            return session.run(list(names), {input_name: np.ascontiguousarray(batch, np.float32)})
 
         return run
+
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = (self.image_size, self.image_size, 3)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"expected a batch of shape (N, {expected[0]}, {expected[1]}, 3), got {batch.shape}")
+        return batch
+
+    def forward(self, batch: np.ndarray, names: Sequence[str] = ("probabilities",)) -> dict[str, np.ndarray]:
+        """The graph's outputs `names` (of `graph.OUTPUTS`) for preprocessed inputs (N, size, size, 3), one pass."""
+        return dict(zip(names, self._run(self._checked(batch), names)))
+
+    def head(self) -> dict[str, np.ndarray]:
+        """The head's weights (`head.npz`, checked against the card): gradients through the head need no engine."""
+        if self._head is None:
+            self._head = load_head(self.card.verified_file(HEAD_FILE))
+        return self._head
 
     def describe(self) -> dict:
         """What answers: model version, engine, provider and threads (for Serve's model info and logs)."""
@@ -124,12 +155,10 @@ class Classifier:
 
     def predict_arrays(self, batch: np.ndarray) -> Predictions:
         """Predict already-preprocessed inputs of shape (N, size, size, 3)."""
-        batch = np.asarray(batch, dtype=np.float32)
-        expected = (self.image_size, self.image_size, 3)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"expected a batch of shape (N, {expected[0]}, {expected[1]}, 3), got {batch.shape}")
-        probabilities = np.asarray(self._run(batch), dtype=np.float64) if len(batch) else \
-            np.zeros((0, len(self.classes)))
+        batch = self._checked(batch)
+        if not len(batch):
+            return Predictions(np.zeros((0, len(self.classes))), self.classes, self.version, self.engine)
+        probabilities = np.asarray(self.forward(batch)["probabilities"], dtype=np.float64)
         return Predictions(probabilities, self.classes, self.version, self.engine)
 
     def predict(self, images: Sequence[ImageInput]) -> Predictions:

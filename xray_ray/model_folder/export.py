@@ -17,13 +17,8 @@ from pathlib import Path
 
 from xray_ray.config import CLASS_NAMES, Config, config_to_dict
 from xray_ray.files import current_umask, fsync_folder, sha256_file
-from xray_ray.model_folder.card import (
-    CARD_FILE,
-    MODEL_FILE,
-    ONNX_FILE,
-    PREPROCESSING,
-    framework_versions,
-)
+from xray_ray.model_folder.card import CARD_FILE, HEAD_FILE, MODEL_FILE, ONNX_FILE, PREPROCESSING, framework_versions
+from xray_ray.model_folder.graph import pooling_kind, save_head
 from xray_ray.model_folder.onnx_export import export_onnx
 
 
@@ -70,7 +65,9 @@ def export_model(model, folder: str | Path, card: dict, overwrite: bool = False,
         size = int(model.input_shape[1])  # the network's own input: the one source of the size
         card = {**card, "input": {"size": size, "channels": 3, "dtype": "float32", "range": [0, 255]},
                 "version": f"{card['name']}-{created}-{digest[:8]}", "created_at": created,
-                "files": {MODEL_FILE: {"sha256": digest}}}
+                "files": {MODEL_FILE: {"sha256": digest}}, "pooling": pooling_kind(model)}
+        save_head(model, staging / HEAD_FILE)
+        card["files"][HEAD_FILE] = {"sha256": sha256_file(staging / HEAD_FILE)}
         if onnx:
             section = export_onnx(model, staging, size)
             card["onnx"] = section

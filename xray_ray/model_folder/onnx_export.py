@@ -25,6 +25,7 @@ from xray_ray.images.preprocess import preprocess
 from xray_ray.images.synth import phantom
 from xray_ray.model_folder.card import ONNX_FILE, package_version
 from xray_ray.model_folder.engines import onnx_session
+from xray_ray.model_folder.graph import OUTPUTS, inference_model
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ OPSET = 15
 INPUT_NAME = "input"
 PARITY_TOLERANCE = 1e-4
 """Largest |Δprob| between Keras and ONNX Runtime for the file to be usable."""
+OUTPUT_TOLERANCE = 1e-3
+"""Largest relative difference of the features and maps outputs (they feed OOD scores and Grad-CAM)."""
 PARITY_PER_CLASS = 4
 """Phantoms per class in the export-time parity batch."""
 
@@ -45,14 +48,23 @@ def parity_inputs(image_size: int, per_class: int = PARITY_PER_CLASS, seed: int 
 
 
 def convert(model, image_size: int) -> bytes:
-    """The Keras model as a serialized ONNX graph: input `input` (N, size, size, 3) float32, variable batch."""
-    import tensorflow as tf
+    """The Keras model as a serialized ONNX graph: input `input` (N, size, size, 3) float32, variable batch;
+    outputs `graph.OUTPUTS` (probabilities, pooled features, last convolutional maps)."""
+    import tensorflow as tf  # conversion runs in the training process, which has TensorFlow already
     import tf2onnx
 
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME)]
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    proto, _ = tf2onnx.convert.from_keras(inference_model(model), input_signature=signature, opset=OPSET)
     return proto.SerializeToString()
+
+
+def relative_difference(expected: np.ndarray, got: np.ndarray) -> float:
+    """max |expected - got| / max |expected|: a scale-free parity figure for features and maps."""
+    expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
+    if expected.shape != got.shape:
+        return float("inf")
+    return float(np.abs(expected - got).max() / max(np.abs(expected).max(), 1e-12)) if expected.size else 0.0
 
 
 def compare(keras_probabilities: np.ndarray, onnx_probabilities: np.ndarray,
@@ -100,10 +112,14 @@ def export_onnx(model, folder: str | Path, image_size: int) -> dict:
     section["bytes"] = len(onnx_bytes)
     try:
         inputs = parity_inputs(image_size)
-        expected = np.asarray(model.predict_on_batch(inputs))
+        expected = [np.asarray(out) for out in inference_model(model).predict_on_batch(inputs)]
         session = onnx_session(onnx_bytes, gpu=False)
-        got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
-        parity = compare(expected, got)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: inputs})))
+        parity = compare(expected[0], got.get(OUTPUTS[0], np.zeros(0)))
+        parity.update({f"{name}_relative_diff": relative_difference(want, got.get(name, np.zeros(0)))
+                       for name, want in zip(OUTPUTS[1:], expected[1:])})
+        parity["passed"] = bool(parity["passed"] and max(parity[f"{n}_relative_diff"] for n in OUTPUTS[1:])
+                                <= OUTPUT_TOLERANCE)
     except Exception as err:  # noqa: BLE001 - any failure here only means: not usable
         reason = f"ONNX Runtime could not run the converted model ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
         log.warning("ONNX export of %s: %s; inference will use Keras", folder.name, reason)
@@ -112,7 +128,9 @@ def export_onnx(model, folder: str | Path, image_size: int) -> dict:
     section["parity"] = parity
     if not parity["passed"]:
         reason = (f"parity check failed: max |dprob| {parity['max_abs_diff']} (tolerance {PARITY_TOLERANCE}), "
-                  f"{parity['argmax_differs']} of {parity['images']} argmax differ")
+                  f"{parity['argmax_differs']} of {parity['images']} argmax differ, relative differences of "
+                  + ", ".join(f"{n} {parity[f'{n}_relative_diff']:.2g}" for n in OUTPUTS[1:])
+                  + f" (tolerance {OUTPUT_TOLERANCE})")
         log.warning("ONNX export of %s: model.onnx %s; it is NOT usable and inference will use Keras",
                     folder.name, reason)
         return {**section, "reason": reason, "warning": f"model.onnx is NOT usable: {reason}"}
