@@ -34,7 +34,7 @@ from xray_ray.model_folder.export import export_model
 pytestmark = pytest.mark.timeout(600)
 SLOW_FIXTURES = {"models", "keras_engine"}  # they train networks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 
 
