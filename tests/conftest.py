@@ -23,7 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
 EFFICIENTNETB1_CONFIG = COMPACT_CONFIG.with_name("efficientnetb1_scratch_cpu.yaml")
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_real"
+REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA",
+                                Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_real"))
 
 
 @pytest.fixture(scope="session")
