@@ -81,8 +81,9 @@ def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
     The square is never built: only the band of it that the filter sees around the image,
     so memory stays a small multiple of the input plus the output whatever the aspect ratio
     (a 1,000,000 x 32 image costs a few megabytes, not a terabyte). The result is the padded
-    square's, up to the rounding of sampling positions, except for a tall image thinner than
-    the filter's reach (over about 40:1), which is resized as its transpose (within 1 grey level).
+    square's, exactly for a square image and otherwise up to the rounding of sampling
+    positions (1 grey level, on under 1 % of the pixels); a tall image thinner than the
+    filter's reach (over about 40:1) is resized as its transpose, also within 1 grey level.
     """
     if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
         shape, dtype = getattr(gray, "shape", None), getattr(gray, "dtype", type(gray).__name__)
