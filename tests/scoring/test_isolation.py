@@ -195,9 +195,12 @@ def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
 # --- a ledger that survives power losses --------------------------------------------------
 
 
-def _prediction_rows(paths: list[str], version: str = "v1", codes: list[str] | None = None) -> pd.DataFrame:
+def _prediction_rows(paths: list[str], version: str = "v1", codes: list[str] | None = None,
+                     unread: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows as the pipeline makes them: a content hash, except for files never read (`unread` codes)."""
     codes = codes or [""] * len(paths)
-    frame = pd.DataFrame({"path": paths, "sha256": [ledger.row_key("", p) for p in paths], "size": 10,
+    hashes = ["" if c in unread else ledger.row_key("", p) for p, c in zip(paths, codes)]
+    frame = pd.DataFrame({"path": paths, "sha256": hashes, "size": 10,
                           "predicted_label": "Normal", "model_version": version, "engine": "fake",
                           "scored_at": pd.Timestamp.now(), "status": ["error" if c else "ok" for c in codes],
                           "error_code": codes, "error_reason": codes})
@@ -247,8 +250,9 @@ def test_damaged_parts_and_ledger_files_are_quarantined_and_rebuilt(tmp_path, ca
 
 def test_files_whose_failure_may_pass_are_tried_again(tmp_path):
     out = tmp_path / "out"
-    codes = ["", "not_an_image", "model_failed", "changed_while_read", "unreadable", "internal_error:MemoryError"]
-    _write_part(out / "night1", out, [_prediction_rows([f"/a/{c or 'ok'}.png" for c in codes], codes=codes)])
+    codes = ["", "not_an_image", "model_failed", "changed_while_read", "outside_archive", "internal_error:MemoryError"]
+    _write_part(out / "night1", out, [_prediction_rows([f"/a/{c or 'ok'}.png" for c in codes], codes=codes,
+                                                       unread=("changed_while_read", "outside_archive"))])
     assert _keys(out) == {ledger.row_key("", "/a/ok.png"), ledger.row_key("", "/a/not_an_image.png")}
 
     _write_part(out / "night1", out, [_prediction_rows(["/a/model_failed.png"])])  # the same run, run again

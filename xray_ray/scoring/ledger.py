@@ -17,9 +17,11 @@ loss, a disk that returned zeros):
 - a readable part without its ledger file gets it rebuilt from the part;
 - temp files left by an interrupted write are removed.
 
-Rows whose failure may pass (`RETRIED_CODES`: the model failed, the file was being
-written or could not be opened, an internal error) are recorded but not "known", so the
-next run tries those files again.
+Rows whose failure may pass are recorded but not "known", so the next run tries those
+files again: files that could not be read at all (no content hash: unreadable, not a
+regular file, over the size cap, outside the archive, changed while read; looking again
+costs no decoding and follows the run's options) and files the model or our own code
+failed on (`RETRIED_CODES`, `internal_error:*`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ PARTS_DIR = "predictions"
 QUARANTINE_DIR = "quarantine"
 LEDGER_COLUMNS = ["key", "model_version", "sha256", "path", "status", "error_code", "run", "scored_at"]
 MODEL_FAILED = "model_failed"
-RETRIED_CODES = frozenset({MODEL_FAILED, "changed_while_read", "unreadable"})
-"""Error codes whose files are tried again by the next run (also any `internal_error:*`)."""
+RETRIED_CODES = frozenset({MODEL_FAILED})
+"""Error codes of read files that the next run tries again (also any `internal_error:*`)."""
 
 
 def row_key(sha256: str, path: str) -> str:
@@ -154,11 +156,12 @@ def known_keys(out: str | Path, model_version: str) -> KnownKeys:
     """The keys of every file already scored (ok, or an error that retrying would not change) by `model_version`."""
     keys = []
     for entry in sorted((Path(out) / LEDGER_DIR).glob("*.parquet")):
-        frame = _readable(entry, ["key", "model_version", "status", "error_code"])
+        frame = _readable(entry, ["key", "model_version", "sha256", "error_code"])
         if frame is None:  # damaged after `repair`: its files are simply scored again
             continue
         codes = frame["error_code"].fillna("") if "error_code" in frame else pd.Series("", index=frame.index)
-        settled = (frame["model_version"] == model_version) & ~codes.map(is_retried)
+        read = frame["sha256"].fillna("").astype(bool) if "sha256" in frame else True
+        settled = (frame["model_version"] == model_version) & read & ~codes.map(is_retried)
         keys.extend(frame.loc[settled, "key"])
     return KnownKeys(keys)
 
