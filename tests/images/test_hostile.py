@@ -8,7 +8,6 @@ where Linux lets a process reset it, the growth of the process's peak resident m
 from __future__ import annotations
 
 import io
-import os
 import struct
 import tracemalloc
 import warnings

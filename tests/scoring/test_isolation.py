@@ -248,6 +248,19 @@ def test_damaged_parts_and_ledger_files_are_quarantined_and_rebuilt(tmp_path, ca
     assert _keys(out) == set().union(*key_of.values())
 
 
+def test_a_part_damaged_inside_is_found_when_its_run_is_read_in_full(tmp_path):
+    out = tmp_path / "out"
+    folder = _commit_three_parts(out)
+    part = sorted((folder / "predictions").glob("part-*.parquet"))[1]
+    data = bytearray(part.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4:-footer] = bytes(len(data) - 4 - footer)  # the data pages zeroed, footer and schema intact
+    part.write_bytes(bytes(data))
+    assert ledger.repair(out).quarantined == 0  # the cheap check cannot see it
+    assert ledger.repair(out, read_in_full=folder).quarantined == 2  # the part and its ledger file
+    assert len(read_predictions(folder)) == 8
+
+
 def test_files_whose_failure_may_pass_are_tried_again(tmp_path):
     out = tmp_path / "out"
     codes = ["", "not_an_image", "model_failed", "changed_while_read", "outside_archive", "internal_error:MemoryError"]

@@ -22,7 +22,7 @@ from PIL import ExifTags, Image
 from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
 from xray_ray.images.dicom import decode_dicom, printable, to_uint8
 
-__all__ = ["SUPPORTED_EXTENSIONS", "LIMITS", "DecodeLimits", "ImageDecodeError", "decode", "looks_like_dicom",
+__all__ = ["LIMITS", "SUPPORTED_EXTENSIONS", "DecodeLimits", "ImageDecodeError", "decode", "looks_like_dicom",
            "read_bytes", "read_image"]
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
@@ -120,7 +120,7 @@ def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
         raise
     except Image.DecompressionBombWarning:  # a compressed DICOM frame's codestream above Pillow's cap
         raise ImageDecodeError(f"too many pixels (> {Image.MAX_IMAGE_PIXELS})", "too_large") from None
-    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ...
+    except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ...
         raise _describe(exc) from exc
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+from itertools import pairwise
 
 import numpy as np
 import pydicom
@@ -109,7 +110,7 @@ def _check_rle(frame: bytes, rows: int, columns: int, bytes_per_sample: int) -> 
     if count != bytes_per_sample:
         raise ImageDecodeError(f"RLE frame with {count} segments, {bytes_per_sample} expected", "decode_failed")
     bounds = [*offsets[:count], len(frame)]
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in pairwise(bounds):
         if not 64 <= start <= end <= len(frame):
             raise ImageDecodeError("RLE frame with segment offsets outside the frame", "decode_failed")
         if _rle_segment_length(frame, start, end, rows * columns + 1) > rows * columns + 1:

@@ -30,7 +30,6 @@ from xray_ray.config import canonical_label
 from xray_ray.images.decode import SUPPORTED_EXTENSIONS, looks_like_dicom
 from xray_ray.images.synth import SYNTHETIC_MARKER
 
-
 OUTSIDE_ARCHIVE = "outside_archive"
 UNREADABLE = "unreadable"
 

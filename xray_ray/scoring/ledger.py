@@ -11,7 +11,7 @@ fsync the folder), so they count only once they are on disk.
 committed parts whatever happened before (a driver killed between two writes, a power
 loss, a disk that returned zeros):
 
-- a part that cannot be read (empty, truncated, zeroed) is moved to `<out>/quarantine/`
+- a part whose footer or schema cannot be read (empty, truncated, zeroed) is moved to `<out>/quarantine/`
   with a warning, with its ledger file: its files are scored again, so nothing is lost;
 - a ledger file that cannot be read, or whose part is gone, is moved there too;
 - a readable part without its ledger file gets it rebuilt from the part;
@@ -89,8 +89,19 @@ def record(out: str | Path, run: str, part: str | Path, predictions: pd.DataFram
         entry[LEDGER_COLUMNS].to_parquet(tmp, index=False)
 
 
+PART_COLUMNS = ["path", "sha256", "model_version", "status", "error_code", "scored_at"]
+
+
+def _intact(path: Path, required: list[str]) -> bool:
+    """Cheap check of a Parquet file: footer and schema readable (an empty, truncated or zeroed file fails)."""
+    try:
+        return set(required) <= set(pq.read_metadata(path).schema.names)
+    except Exception:  # noqa: BLE001 - whatever the damage, the file is unusable
+        return False
+
+
 def _readable(path: Path, columns: list[str]) -> pd.DataFrame | None:
-    """The file's `columns` (those it has), or None when it is empty, truncated or not Parquet."""
+    """The file's `columns` (those it has; the first two required), or None when it cannot be read."""
     try:
         names = pq.read_schema(path).names
         if not set(columns[:2]) <= set(names):
@@ -122,9 +133,14 @@ def _quarantine(out: Path, path: Path, why: str, done: Repair) -> None:
     log.warning("%s: %s; moved to %s", path, why, target)
 
 
-def repair(out: str | Path) -> Repair:
-    """Make the ledger agree with the committed, readable parts (see the module docstring)."""
+def repair(out: str | Path, read_in_full: str | Path | None = None) -> Repair:
+    """Make the ledger agree with the committed, readable parts (see the module docstring).
+
+    Parts are checked by their footer and schema; those of the run folder `read_in_full`
+    (the one about to be reported) are read in full, so damage inside them is found too.
+    """
     out = Path(out)
+    full = Path(read_in_full) if read_in_full is not None else None
     done = Repair()
     for temp in [*out.glob(f"*/{PARTS_DIR}/.*.tmp"), *out.glob(f"{LEDGER_DIR}/.*.tmp")]:
         temp.unlink(missing_ok=True)
@@ -133,22 +149,28 @@ def repair(out: str | Path) -> Repair:
     for part in sorted(out.glob(f"*/{PARTS_DIR}/part-*.parquet")):
         run = part.parent.parent.name
         entry = _entry_path(out, run, part)
-        rows = _readable(part, ["path", "sha256", "model_version", "status", "error_code", "scored_at"])
-        if rows is None:
+        readable = _readable(part, PART_COLUMNS) is not None if part.parent.parent == full else \
+            _intact(part, PART_COLUMNS[:2])
+        if not readable:
             _quarantine(out, part, "committed predictions part is unreadable (its files will be scored again)", done)
             if entry.is_file():
                 _quarantine(out, entry, "ledger file of an unreadable part", done)
             continue
-        parts[entry] = (run, part, rows)
+        parts[entry] = (run, part)
     for entry in sorted((out / LEDGER_DIR).glob("*.parquet")):
         if entry not in parts:
             _quarantine(out, entry, "ledger file without its predictions part", done)
-        elif _readable(entry, ["key", "model_version"]) is None:
+        elif not _intact(entry, LEDGER_COLUMNS[:2]):
             _quarantine(out, entry, "ledger file is unreadable (rebuilt from its part)", done)
-    for entry, (run, part, rows) in parts.items():
-        if not entry.is_file():
-            record(out, run, part, rows)
-            done.rebuilt += 1
+    for entry, (run, part) in parts.items():
+        if entry.is_file():
+            continue
+        rows = _readable(part, PART_COLUMNS)
+        if rows is None:
+            _quarantine(out, part, "committed predictions part is unreadable (its files will be scored again)", done)
+            continue
+        record(out, run, part, rows)
+        done.rebuilt += 1
     return done
 
 

@@ -289,8 +289,9 @@ def score(options: ScoreOptions) -> dict:
         ensure_ray()
     info = model_info(options)
     with _locked(out):
-        repaired = ledger.repair(out)  # first: everything after reads parts and ledger files
+        ledger.repair(out)  # first: everything after reads parts and ledger files
         folder = run_folder(out, options.run, info.version)
+        ledger.repair(out, read_in_full=folder)  # the parts the report will read, checked in full
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state = {"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
                  "status": "running", "archives": [str(r) for r in roots], "options": asdict(options)}
@@ -299,9 +300,8 @@ def score(options: ScoreOptions) -> dict:
         files = folder / ".work" / "files"
         counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
                                  follow_symlinks=options.follow_symlinks)
-        log.info("%d files found (%d walk errors); %d already scored by %s; ledger: %d files rebuilt, %d quarantined",
-                 counts["files"], counts["walk_errors"], len(known), info.version, repaired.rebuilt,
-                 repaired.quarantined)
+        log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
+                 len(known), info.version)
         ensure_ray()
         written = _score_files(options, files, info, known, folder, out) if counts["files"] else 0
         shutil.rmtree(folder / ".work", ignore_errors=True)
