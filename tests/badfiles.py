@@ -115,8 +115,17 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", first_row) + chunk(b"IEND", b"")
 
 
+BAD_CODES = {
+    "empty.png": "empty", "truncated.png": "truncated", "truncated.jpg": "truncated", "truncated.dcm": "truncated",
+    "text.png": "not_an_image", "random.jpg": "not_an_image", "bomb.png": "too_large", "bomb_8000.png": "too_large",
+    "tiny.png": "too_small", "multiframe.dcm": "unsupported", "rgb.dcm": "unsupported", "no_pixels.dcm": "unsupported",
+    "jpegls.dcm": "unsupported",
+}
+"""The ImageDecodeError code of each of `bad_files()`."""
+
+
 def bad_files() -> dict[str, tuple[bytes, str]]:
-    """{filename: (content, expected substring of the ImageDecodeError reason)}."""
+    """{filename: (content, expected substring of the ImageDecodeError reason)}; `BAD_CODES` has their codes."""
     png = encode(Image.fromarray(gray8(70, 100)), "PNG")
     jpeg = encode(Image.fromarray(gray8(70, 100)), "JPEG", quality=90)
     mono = dicom_bytes(dicom_raw_values())

@@ -271,11 +271,16 @@ def score(
     object_store_mb: int = typer.Option(256, "--object-store-mb", help="Object-store budget (MB) for decoded "
                                         "images waiting for the model; keeps memory flat in archive size."),
     address: str = typer.Option(None, "--address", help="Ray cluster (default RAY_ADDRESS; else a local Ray)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Read files and folders that symlinks "
+                                         "lead to outside the archive folders (default: outside_archive error rows)."),
+    expect_version: str = typer.Option(None, "--expect-version", help="Refuse (exit 3) a model whose card names "
+                                       "another version."),
 ) -> None:
     """Score archive folders with the model: predictions, ledger and a per-class report per run.
 
-    Exit code 0 when the run completed (bad files become error rows), 2 for a bad configuration, 3 for an
-    unusable model (or no running Serve app), 4 for an unreachable archive.
+    Exit code 0 when the run completed (any file that cannot be scored, for whatever reason, becomes an error row
+    with a code), 2 for a bad configuration, 3 for an unusable model (or no running Serve app, or not the
+    --expect-version), 4 for an unreachable archive.
     """
     from xray_ray.scoring.run import ScoreError, ScoreOptions
     from xray_ray.scoring.run import score as run_scoring
@@ -286,7 +291,8 @@ def score(
         engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
         batch_size=batch_size, read_cpus=read_cpus, labels=str(labels) if labels else None,
         review_threshold=review_threshold, top_n=top_n, run=run, commit_rows=commit_rows,
-        files_per_task=files_per_task, object_store_mb=object_store_mb)
+        files_per_task=files_per_task, object_store_mb=object_store_mb, follow_symlinks=follow_symlinks,
+        expect_version=expect_version)
     try:
         summary = run_scoring(options)
     except ScoreError as err:
@@ -295,6 +301,8 @@ def score(
                f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']})"
                + _synthetic(summary["synthetic_data"]))
     typer.echo("  " + ", ".join(f"{name}: {count}" for name, count in summary["per_class"].items()))
+    if summary["error_codes"]:
+        typer.echo("  errors: " + ", ".join(f"{code}: {count}" for code, count in summary["error_codes"].items()))
     if summary["ground_truth"]:
         typer.echo(f"  accuracy {summary['ground_truth']['accuracy']:.3f} on {summary['ground_truth']['n']} images "
                    f"with a known class ({summary['ground_truth']['source']})")

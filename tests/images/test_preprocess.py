@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.badfiles import good_files
 from xray_ray.images.decode import decode
@@ -50,6 +51,25 @@ def test_preprocess_rejects_wrong_input(bad_input):
         preprocess(bad_input, 64)
 
 
-# --- fuzzing ----------------------------------------------------------------------------
+def padded_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """The definition preprocess keeps: pad to the centred black square, then one bilinear resize."""
+    height, width = gray.shape
+    side = max(height, width)
+    square = np.zeros((side, side), np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = gray
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(299, 299), (70, 100), (100, 70), (1024, 256), (256, 1024), (331, 517),
+                                   (517, 331), (32, 3000), (3000, 32), (64, 9), (9, 64), (1, 1)])
+@pytest.mark.parametrize("size", [64, 224, 300])
+def test_preprocess_matches_resizing_the_padded_square(shape, size):
+    gray = np.random.default_rng(sum(shape) + size).integers(0, 256, shape, dtype=np.uint8)
+    expected, got = padded_square(gray, size), preprocess(gray, size)[..., 0]
+    difference = np.abs(expected - got)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
+    if shape[0] == shape[1]:
+        np.testing.assert_array_equal(expected, got)
 
 

@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.badfiles import (
+    BAD_CODES,
     dicom_bytes,
     dicom_raw_values,
     write_bad_files,
@@ -91,6 +92,7 @@ def test_bad_file_archive_scores_every_good_file_and_reports_every_bad_one(model
     for name, reason in bad.items():
         row = by_name[f"incoming/bad/{name}"]
         assert row["status"] == "error" and reason in row["error_reason"] and pd.isna(row["prob_COVID"]), name
+        assert row["error_code"] == BAD_CODES[name], name
     assert "symlink loop" in by_name["incoming/loop"]["error_reason"]
     assert "Too many levels of symbolic links" in by_name["incoming/self.png"]["error_reason"]
     assert by_name["incoming/bad/empty.png"]["size"] == 0 and pd.isna(by_name["incoming/self.png"]["size"])
@@ -98,6 +100,8 @@ def test_bad_file_archive_scores_every_good_file_and_reports_every_bad_one(model
     report = out / "night1" / "report"
     summary = json.loads((report / "summary.json").read_text())
     assert summary["errors"] == len(bad) + 2 and summary["synthetic_data"] is True
+    codes = [BAD_CODES[name] for name in bad] + ["unreadable"] * 2
+    assert summary["error_codes"] == {code: codes.count(code) for code in sorted(set(codes))}
     assert summary["ground_truth"]["n"] == 8  # only the phantoms sit in class folders
     errors = pd.read_csv(report / "errors.csv")
     assert len(errors) == len(bad) + 2 and errors["reason"].str.len().min() > 0

@@ -1,9 +1,12 @@
-"""Turn image bytes (PNG, JPEG, TIFF, BMP, DICOM) into grayscale arrays and model inputs.
+"""Turn image files and bytes (PNG, JPEG, TIFF, BMP, DICOM) into grayscale arrays, within hard bounds.
 
 This is the only module that opens image bytes. Training, serving and batch scoring all
-go through `decode` (or `read_image`) and `preprocess`, so they see the same pixels and
-the same failures. A bad input never crashes a caller with a library-specific exception:
-`decode` raises `ImageDecodeError`, whose `reason` is short enough for a report line.
+go through `read_bytes` / `decode` (or `read_image`) and `preprocess`, so they see the same
+pixels and the same failures. Every size is checked before any pixel buffer exists
+(`images.bounds`): the file size before it is read, width, height, aspect, frames and bit
+depth from the header before the pixels are decoded. A bad input never escapes as a
+library-specific exception: the public functions raise `ImageDecodeError`, and nothing
+else, with a machine `code` and a `reason` short enough for a report line.
 """
 
 from __future__ import annotations
@@ -11,57 +14,42 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 
 import numpy as np
-import pydicom
-from PIL import Image, ImageOps
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from PIL import ExifTags, Image
+
+from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
+from xray_ray.images.dicom import decode_dicom, printable, to_uint8
+
+__all__ = ["LIMITS", "SUPPORTED_EXTENSIONS", "DecodeLimits", "ImageDecodeError", "decode", "looks_like_dicom",
+           "read_bytes", "read_image"]
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 )
 """File name endings the jobs pick up; `decode` itself looks only at the content."""
 
-MAX_PIXELS = 50_000_000
-"""Largest width*height we decode: a guard against decompression bombs (Pillow's own
-default is higher and only warns, so we check the header size ourselves before loading)."""
-
-MIN_SIDE = 32
-"""Smallest accepted width or height; anything smaller cannot be a usable radiograph."""
+# Pillow's own bomb check follows our cap; its warning (above the cap) is made an error in `decode`.
+Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels
 
 # Pillow plugins we let identify content (the JPEG one also opens multi-picture camera
 # JPEGs). Restricting them keeps odd formats (EPS runs Ghostscript, for example) out of
 # reach of uploaded bytes.
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 
+# Bits per sample of the Pillow modes these plugins produce; other modes are refused.
+_PIL_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8, "YCbCr": 8,
+             "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+
 # Modes with more than 8 bits per sample: Pillow's convert("L") would clip them, so they
 # are min-max scaled instead.
-_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_HIGH_DEPTH_MODES = frozenset(mode for mode, bits in _PIL_BITS.items() if bits > 8)
 
-# Transfer syntax of a DICOM without file meta information, from how pydicom parsed it
-# (is_implicit_VR, is_little_endian).
-_TRANSFER_SYNTAX_BY_ENCODING = {
-    (True, True): ImplicitVRLittleEndian,
-    (False, True): ExplicitVRLittleEndian,
-    (False, False): ExplicitVRBigEndian,
-}
-
-
-class ImageDecodeError(ValueError):
-    """Bytes that cannot become an image; `reason` says why in a few words.
-
-    A reason may name image attributes (size, photometric interpretation, transfer
-    syntax) but never patient data, so it is safe to log or return to a client.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -75,101 +63,42 @@ def _is_dicom(data: bytes) -> bool:
     return looks_like_dicom(data) or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def _check_size(width: int, height: int) -> None:
-    """Refuse images too large to decode safely or too small to be useful."""
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(f"too many pixels ({width}x{height} = {width * height} > {MAX_PIXELS})")
-    if min(width, height) < MIN_SIDE:
-        raise ImageDecodeError(f"too small ({width}x{height} < {MIN_SIDE} px)")
-
-
-def _printable(text: str, limit: int = 64) -> str:
-    """`text` cut to `limit` characters, control characters replaced, for a reason string."""
-    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
-
-
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Min-max scale an array to 0-255 uint8; a constant image becomes zeros."""
-    values = values.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ImageDecodeError("image contains NaN or infinite values")
-    low, high = values.min(), values.max()
-    if high == low:
-        return np.zeros(values.shape, np.uint8)
-    values -= low
-    values *= 255.0 / (high - low)
-    return np.rint(values, out=values).astype(np.uint8)
-
-
-def _decode_pillow(data: bytes) -> np.ndarray:
+def _decode_pillow(data: bytes, limits: DecodeLimits) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
-    except Image.DecompressionBombError:
-        # Pillow refuses far larger sizes than ours on its own, before reading pixels.
-        raise ImageDecodeError(f"too many pixels (> {MAX_PIXELS})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"too many pixels (> {Image.MAX_IMAGE_PIXELS})", "too_large") from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised format)") from None
+        raise ImageDecodeError("not an image (unrecognised format)", "not_an_image") from None
     with image:
-        _check_size(*image.size)
+        if image.mode not in _PIL_BITS:
+            raise ImageDecodeError(f"unsupported image mode {printable(image.mode)}", "unsupported")
+        limits.check(*image.size, bits=_PIL_BITS[image.mode])
         image.load()  # decode everything now: truncated data raises instead of padding grey
-        image = ImageOps.exif_transpose(image)
-    if image.mode in _HIGH_DEPTH_MODES:
-        return _to_uint8(np.asarray(image))
-    # Alpha is dropped, not composited: radiographs carry no meaningful transparency.
-    return np.array(image.convert("L"))
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        if image.mode in _HIGH_DEPTH_MODES:
+            gray = to_uint8(np.asarray(image))
+        else:  # alpha is dropped, not composited: radiographs carry no meaningful transparency
+            gray = np.asarray(image.convert("L"))
+    if orientation in _ORIENTATION:
+        gray = np.asarray(Image.fromarray(gray).transpose(_ORIENTATION[orientation]))
+    return gray
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:
-        # pydicom's messages may quote element values (patient data): keep only the type.
-        raise ImageDecodeError(f"corrupt DICOM header ({type(exc).__name__})") from None
-    if "PixelData" not in ds:
-        raise ImageDecodeError("DICOM without pixel data")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) is not supported")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if int(ds.get("SamplesPerPixel") or 1) > 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageDecodeError(f"colour DICOM ({_printable(photometric)}) is not supported")
-    _check_size(int(ds.Columns), int(ds.Rows))
-
-    syntax = ds.file_meta.get("TransferSyntaxUID") or _TRANSFER_SYNTAX_BY_ENCODING.get(ds.original_encoding)
-    if syntax is None:
-        raise ImageDecodeError("DICOM without a transfer syntax")
-    ds.file_meta.TransferSyntaxUID = syntax
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise ImageDecodeError(f"unknown DICOM transfer syntax {_printable(syntax)}") from None
-    if not decoder.is_available:
-        raise ImageDecodeError(f"DICOM transfer syntax {syntax.name} is not supported (no decoder installed)")
-
-    try:
-        stored = ds.pixel_array
-    except ValueError as exc:
-        if "less than expected" in str(exc):
-            raise ImageDecodeError("truncated image (DICOM pixel data shorter than expected)") from None
-        raise
-    gray = _to_uint8(apply_voi_lut(apply_modality_lut(stored, ds), ds))
-    # MONOCHROME1 stores bright as low values; flip so that bone is white like MONOCHROME2.
-    return 255 - gray if photometric == "MONOCHROME1" else gray
-
-
-def _describe(exc: Exception) -> str:
-    """A short reason for an unexpected decoder exception."""
-    message = _printable(" ".join(str(exc).split()), 160)
+def _describe(exc: Exception) -> ImageDecodeError:
+    """An ImageDecodeError for an unexpected decoder exception."""
+    message = printable(" ".join(str(exc).split()), 160)
     if isinstance(exc, EOFError) or "truncat" in message.lower():
-        return "truncated image"
+        return ImageDecodeError("truncated image", "truncated")
     if isinstance(exc, MemoryError):
-        return "out of memory while decoding"
+        return ImageDecodeError("out of memory while decoding", "out_of_memory")
     name = type(exc).__name__
-    return f"cannot decode image ({name}: {message})" if message else f"cannot decode image ({name})"
+    return ImageDecodeError(f"cannot decode image ({name}: {message})" if message else f"cannot decode image ({name})",
+                            "decode_failed")
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Decode image bytes into a 2-D uint8 grayscale array.
+def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
+    """Decode image bytes into a 2-D uint8 grayscale array, refusing anything outside `limits`.
 
     The format is recognised from the content, never from a file name. DICOMs get their
     modality LUT (rescale slope/intercept) and VOI LUT or window applied, MONOCHROME1 is
@@ -180,28 +109,56 @@ def decode(data: bytes) -> np.ndarray:
     Raises ImageDecodeError, and nothing else, for any input that is not a usable image.
     """
     if not data:
-        raise ImageDecodeError("empty file")
+        raise ImageDecodeError("empty file", "empty")
+    if len(data) > limits.max_file_bytes:
+        raise ImageDecodeError(f"file too large ({len(data)} bytes > {limits.max_file_bytes})", "file_too_large")
     try:
-        return _decode_dicom(data) if _is_dicom(data) else _decode_pillow(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return decode_dicom(data, limits) if _is_dicom(data) else _decode_pillow(data, limits)
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombWarning:  # a compressed DICOM frame's codestream above Pillow's cap
+        raise ImageDecodeError(f"too many pixels (> {Image.MAX_IMAGE_PIXELS})", "too_large") from None
     except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ...
-        raise ImageDecodeError(_describe(exc)) from exc
+        raise _describe(exc) from exc
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """A file's content; a missing, unreadable or non-regular path is an ImageDecodeError."""
+def _file_kind(mode: int) -> str:
+    return "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def read_bytes(path: str | os.PathLike, limits: DecodeLimits = LIMITS) -> bytes:
+    """A regular file's content, at most `limits.max_file_bytes`; ImageDecodeError for anything else.
+
+    A symlink's target is what counts. Named pipes, devices and sockets are refused before
+    they are opened (opening a pipe blocks, a device may act), and the opened file is checked
+    again, so a swap between the two checks cannot slip one through. At most the cap + 1
+    bytes are read, and a file that changed while it was read is refused.
+    """
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):  # also keeps us from blocking on a named pipe
-            kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise ImageDecodeError(f"unreadable file: {kind}")
-        with open(path, "rb") as file:
-            return file.read()
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise ImageDecodeError(f"unreadable file: {_file_kind(before.st_mode)}", "not_a_file")
+        if before.st_size > limits.max_file_bytes:
+            raise ImageDecodeError(f"file too large ({before.st_size} bytes > {limits.max_file_bytes})",
+                                   "file_too_large")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as file:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+                raise ImageDecodeError("file changed while it was read (replaced)", "changed_while_read")
+            data = file.read(limits.max_file_bytes + 1)
+            after = os.fstat(fd)
     except OSError as exc:
-        raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}") from None
+        raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}", "unreadable") from None
+    if len(data) > limits.max_file_bytes:
+        raise ImageDecodeError(f"file too large (more than {limits.max_file_bytes} bytes)", "file_too_large")
+    if (len(data), opened.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or opened.st_size != after.st_size:
+        raise ImageDecodeError("file changed while it was read", "changed_while_read")
+    return data
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, limits: DecodeLimits = LIMITS) -> np.ndarray:
     """`decode(read_bytes(path))`: a file straight to a grayscale array."""
-    return decode(read_bytes(path))
+    return decode(read_bytes(path, limits), limits)

@@ -4,8 +4,13 @@ A nightly archive has any depth and layout, and it may be huge: `walk` is a gene
 over `os.scandir`, so neither the file list nor any image is held in memory. A file is
 picked up by its extension (`images.decode.SUPPORTED_EXTENSIONS`) or, without an extension, by
 the DICOM "DICM" marker. Anything that stops the walk from reaching a file (a folder it
-may not read, a symlink loop, a dangling link) comes out as an entry with an error
-reason instead of an exception, so the scoring job reports it as an error row.
+may not read, a symlink loop, a dangling link) comes out as an entry with an error code
+and reason instead of an exception, so the scoring job reports it as an error row.
+
+Scoring stays inside the archive: a symlink (to a file or a folder) that resolves outside
+every archive root is an `outside_archive` entry and is not read, unless the caller asks
+to follow such links. The job's own output folder is never entered, whether it is reached
+by its path, through a symlink or under another name (compared by device and inode).
 
 Ground truth is known when the archive uses class folders (the nearest enclosing folder
 whose name is a class, e.g. `<archive>/COVID/images/x.png`) or from a labels CSV.
@@ -25,13 +30,17 @@ from xray_ray.config import canonical_label
 from xray_ray.images.decode import SUPPORTED_EXTENSIONS, looks_like_dicom
 from xray_ray.images.synth import SYNTHETIC_MARKER
 
+OUTSIDE_ARCHIVE = "outside_archive"
+UNREADABLE = "unreadable"
+
 
 @dataclass(frozen=True)
 class Found:
-    """One archive entry: a candidate image file, or a path the walk could not use (`error` set)."""
+    """One archive entry: a candidate image file, or a path the walk could not use (`code` and `error` set)."""
 
     path: str
     error: str = ""
+    code: str = ""
 
 
 class ArchiveError(ValueError):
@@ -51,11 +60,18 @@ def check_root(root: str | Path) -> Path:
     return path
 
 
-def _is_candidate(entry: os.DirEntry) -> bool:
-    """A supported extension, or no extension and the DICOM marker in the first 132 bytes."""
-    suffix = os.path.splitext(entry.name)[1].lower()
-    if suffix:
-        return suffix in SUPPORTED_EXTENSIONS
+def _named_like_an_image(name: str) -> bool:
+    """A supported extension, or none (a DICOM may have none)."""
+    suffix = os.path.splitext(name)[1].lower()
+    return not suffix or suffix in SUPPORTED_EXTENSIONS
+
+
+def _is_candidate(entry: os.DirEntry, mode: int) -> bool:
+    """A supported extension, or no extension and the DICOM marker in the first 132 bytes of a regular file."""
+    if os.path.splitext(entry.name)[1]:
+        return _named_like_an_image(entry.name)
+    if not stat.S_ISREG(mode):  # never open a pipe or a device to sniff it: the open could block
+        return False
     try:
         with open(entry.path, "rb") as file:
             return looks_like_dicom(file.read(132))
@@ -63,14 +79,31 @@ def _is_candidate(entry: os.DirEntry) -> bool:
         return False  # cannot tell what it is; only named images are reported unreadable
 
 
-def walk(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[Found]:
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def walk(root: str | Path, exclude: Iterable[str | Path] = (), roots: Iterable[str | Path] = (),
+         follow_symlinks: bool = False) -> Iterator[Found]:
     """Yield every image file under `root`: a folder's files, then its subfolders, in name order; hidden names skipped.
 
-    Symlinks are followed; a folder reached twice (a symlink loop, or a second link to it)
-    is reported once as an error instead of being walked again. `exclude` lists folders
-    never entered, e.g. the job's own output folder when it lies inside the archive.
+    Symlinks are followed while they resolve inside `root` or one of `roots` (all resolved);
+    one that leads outside is reported as `outside_archive` unless `follow_symlinks`. A folder
+    reached twice (a symlink loop, or a second link to it) is reported once as an error
+    instead of being walked again. `exclude` lists folders never entered, e.g. the job's own
+    output folder when it lies inside the archive, matched by resolved path and by inode.
     """
-    excluded = {os.path.abspath(p) for p in exclude}
+    allowed = [os.path.realpath(p) for p in (root, *roots)]
+    excluded_paths = {os.path.realpath(p) for p in exclude}
+    excluded_ids = {i for p in exclude if (i := _identity(p)) is not None}
     seen: set[tuple[int, int]] = set()
     stack = [os.path.abspath(root)]
     while stack:
@@ -78,28 +111,35 @@ def walk(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[Found
         try:
             info = os.stat(folder)
             if (info.st_dev, info.st_ino) in seen:
-                yield Found(folder, "folder skipped: symlink loop (already scanned)")
+                yield Found(folder, "folder skipped: symlink loop (already scanned)", UNREADABLE)
                 continue
             seen.add((info.st_dev, info.st_ino))
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as err:
-            yield Found(folder, f"unreadable folder: {err.strerror or err}")
+            yield Found(folder, f"unreadable folder: {err.strerror or err}", UNREADABLE)
             continue
         subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
-                mode = entry.stat().st_mode  # follows symlinks
+                info = entry.stat()  # follows symlinks
             except OSError as err:  # dangling link, symlink loop, permission
                 if entry.is_symlink() or os.path.splitext(entry.name)[1].lower() in SUPPORTED_EXTENSIONS:
-                    yield Found(entry.path, f"unreadable file: {err.strerror or err}")
+                    yield Found(entry.path, f"unreadable file: {err.strerror or err}", UNREADABLE)
                 continue
-            if stat.S_ISDIR(mode):
-                if entry.path not in excluded:
-                    subfolders.append(entry.path)
-            elif _is_candidate(entry):
+            if stat.S_ISDIR(info.st_mode) and (
+                    (info.st_dev, info.st_ino) in excluded_ids or os.path.realpath(entry.path) in excluded_paths):
+                continue
+            is_dir = stat.S_ISDIR(info.st_mode)
+            if entry.is_symlink() and not follow_symlinks and not _inside(os.path.realpath(entry.path), allowed):
+                if is_dir or _named_like_an_image(entry.name):  # never read outside to sniff for a DICOM
+                    yield Found(entry.path, "symlink leads outside the archive folders (not followed)",
+                                OUTSIDE_ARCHIVE)
+            elif is_dir:
+                subfolders.append(entry.path)
+            elif _is_candidate(entry, info.st_mode):
                 yield Found(entry.path)
         stack.extend(reversed(subfolders))  # depth first: the stack holds folders, never files
 

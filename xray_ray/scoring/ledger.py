@@ -1,31 +1,63 @@
-"""The scoring ledger: what has been scored, by content hash and model version.
+"""The scoring ledger: what has been scored, by content hash and model version; kept intact across power losses.
 
 It lives in `<out>/ledger/` as one small Parquet file per committed predictions part
-(`<run>--part-00001.parquet`), each written atomically. A file is keyed by its content
-(sha256), so a renamed or copied image is not scored twice; a file that could not even be
-read has no hash and is keyed by its path instead. The predictions part is the commit
-point: `reconcile` rebuilds the ledger file of any part whose ledger file is missing
-(a driver killed between the two writes), so a re-run never scores a committed file again.
+(`<run>--part-00001.parquet`). A file is keyed by its content (sha256), so a renamed or
+copied image is not scored twice; a file that could not even be read has no hash and is
+keyed by its path instead. The predictions part is the commit point; parts and ledger
+files are written atomically and durably (`files.atomic_path`: temp file, fsync, rename,
+fsync the folder), so they count only once they are on disk.
+
+`repair`, run under the output lock before every run, makes the ledger agree with the
+committed parts whatever happened before (a driver killed between two writes, a power
+loss, a disk that returned zeros):
+
+- a part whose footer or schema cannot be read (empty, truncated, zeroed) is moved to `<out>/quarantine/`
+  with a warning, with its ledger file: its files are scored again, so nothing is lost;
+- a ledger file that cannot be read, or whose part is gone, is moved there too;
+- a readable part without its ledger file gets it rebuilt from the part;
+- temp files left by an interrupted write are removed.
+
+Rows whose failure may pass are recorded but not "known", so the next run tries those
+files again: files that could not be read at all (no content hash: unreadable, not a
+regular file, over the size cap, outside the archive, changed while read; looking again
+costs no decoding and follows the run's options) and files the model or our own code
+failed on (`RETRIED_CODES`, `internal_error:*`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from xray_ray.files import atomic_path
+from xray_ray.files import atomic_path, fsync_folder
+
+log = logging.getLogger(__name__)
 
 LEDGER_DIR = "ledger"
 PARTS_DIR = "predictions"
-LEDGER_COLUMNS = ["key", "model_version", "sha256", "path", "status", "run", "scored_at"]
+QUARANTINE_DIR = "quarantine"
+LEDGER_COLUMNS = ["key", "model_version", "sha256", "path", "status", "error_code", "run", "scored_at"]
+MODEL_FAILED = "model_failed"
+RETRIED_CODES = frozenset({MODEL_FAILED})
+"""Error codes of read files that the next run tries again (also any `internal_error:*`)."""
 
 
 def row_key(sha256: str, path: str) -> str:
     """The ledger key of a file: its content hash, or a hash of its path when it could not be read."""
     return sha256 or hashlib.sha256(f"unreadable:{path}".encode()).hexdigest()
+
+
+def is_retried(code: str) -> bool:
+    """True for an error code whose file the next run should try again."""
+    return code in RETRIED_CODES or code.startswith("internal_error")
 
 
 class KnownKeys:
@@ -49,29 +81,109 @@ def _entry_path(out: Path, run: str, part: Path) -> Path:
 
 def record(out: str | Path, run: str, part: str | Path, predictions: pd.DataFrame) -> None:
     """Write the ledger file of one committed predictions part of `run`."""
-    entry = predictions[["model_version", "sha256", "path", "status", "scored_at"]].copy()
+    entry = predictions.reindex(columns=["model_version", "sha256", "path", "status", "error_code", "scored_at"])
+    entry["error_code"] = entry["error_code"].fillna("")
     entry.insert(0, "key", [row_key(s, p) for s, p in zip(entry["sha256"], entry["path"])])
     entry["run"] = run
     with atomic_path(_entry_path(Path(out), run, Path(part))) as tmp:
         entry[LEDGER_COLUMNS].to_parquet(tmp, index=False)
 
 
-def reconcile(out: str | Path) -> int:
-    """Add the ledger files missing for committed predictions parts; returns how many were added."""
+PART_COLUMNS = ["path", "sha256", "model_version", "status", "error_code", "scored_at"]
+
+
+def _intact(path: Path, required: list[str]) -> bool:
+    """Cheap check of a Parquet file: footer and schema readable (an empty, truncated or zeroed file fails)."""
+    try:
+        return set(required) <= set(pq.read_metadata(path).schema.names)
+    except Exception:  # noqa: BLE001 - whatever the damage, the file is unusable
+        return False
+
+
+def _readable(path: Path, columns: list[str]) -> pd.DataFrame | None:
+    """The file's `columns` (those it has; the first two required), or None when it cannot be read."""
+    try:
+        names = pq.read_schema(path).names
+        if not set(columns[:2]) <= set(names):
+            return None
+        return pd.read_parquet(path, columns=[c for c in columns if c in names])
+    except Exception:  # noqa: BLE001 - whatever the damage, the file is unusable
+        return None
+
+
+@dataclass
+class Repair:
+    """What `repair` did: ledger files rebuilt from parts, files moved to quarantine, temp files removed."""
+
+    rebuilt: int = 0
+    quarantined: int = 0
+    temp_removed: int = 0
+
+
+def _quarantine(out: Path, path: Path, why: str, done: Repair) -> None:
+    """Move `path` under `<out>/quarantine/` (same relative path, a time stamp added) and say so."""
+    target = out / QUARANTINE_DIR / path.relative_to(out)
+    target = target.with_name(f"{target.stem}.{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
+                              f"{target.suffix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, target)
+    fsync_folder(path.parent)
+    fsync_folder(target.parent)
+    done.quarantined += 1
+    log.warning("%s: %s; moved to %s", path, why, target)
+
+
+def repair(out: str | Path, read_in_full: str | Path | None = None) -> Repair:
+    """Make the ledger agree with the committed, readable parts (see the module docstring).
+
+    Parts are checked by their footer and schema; those of the run folder `read_in_full`
+    (the one about to be reported) are read in full, so damage inside them is found too.
+    """
     out = Path(out)
-    added = 0
+    full = Path(read_in_full) if read_in_full is not None else None
+    done = Repair()
+    for temp in [*out.glob(f"*/{PARTS_DIR}/.*.tmp"), *out.glob(f"{LEDGER_DIR}/.*.tmp")]:
+        temp.unlink(missing_ok=True)
+        done.temp_removed += 1
+    parts = {}
     for part in sorted(out.glob(f"*/{PARTS_DIR}/part-*.parquet")):
         run = part.parent.parent.name
-        if not _entry_path(out, run, part).is_file():
-            record(out, run, part, pd.read_parquet(part))
-            added += 1
-    return added
+        entry = _entry_path(out, run, part)
+        readable = _readable(part, PART_COLUMNS) is not None if part.parent.parent == full else \
+            _intact(part, PART_COLUMNS[:2])
+        if not readable:
+            _quarantine(out, part, "committed predictions part is unreadable (its files will be scored again)", done)
+            if entry.is_file():
+                _quarantine(out, entry, "ledger file of an unreadable part", done)
+            continue
+        parts[entry] = (run, part)
+    for entry in sorted((out / LEDGER_DIR).glob("*.parquet")):
+        if entry not in parts:
+            _quarantine(out, entry, "ledger file without its predictions part", done)
+        elif not _intact(entry, LEDGER_COLUMNS[:2]):
+            _quarantine(out, entry, "ledger file is unreadable (rebuilt from its part)", done)
+    for entry, (run, part) in parts.items():
+        if entry.is_file():
+            continue
+        rows = _readable(part, PART_COLUMNS)
+        if rows is None:
+            _quarantine(out, part, "committed predictions part is unreadable (its files will be scored again)", done)
+            continue
+        record(out, run, part, rows)
+        done.rebuilt += 1
+    return done
 
 
 def known_keys(out: str | Path, model_version: str) -> KnownKeys:
-    """The keys of every file already scored (ok or error) by `model_version`."""
-    folder = Path(out) / LEDGER_DIR
-    if not any(folder.glob("*.parquet")):
-        return KnownKeys([])
-    frame = pd.read_parquet(folder, columns=["key"], filters=[("model_version", "==", model_version)])
-    return KnownKeys(frame["key"])
+    """The keys of every file already scored (ok, or an error that retrying would not change) by `model_version`."""
+    keys = []
+    for entry in sorted((Path(out) / LEDGER_DIR).glob("*.parquet")):
+        frame = _readable(entry, ["key", "model_version", "sha256", "error_code"])
+        if frame is None:  # damaged after `repair`: its files are simply scored again
+            continue
+        codes = frame["error_code"].fillna("") if "error_code" in frame else pd.Series("", index=frame.index)
+        read = frame["sha256"].fillna("").astype(bool) if "sha256" in frame else True
+        settled = (frame["model_version"] == model_version) & read & ~codes.map(is_retried)
+        keys.extend(frame.loc[settled, "key"])
+    return KnownKeys(keys)
+

@@ -6,8 +6,11 @@
 yields small batches as it goes, so one task's output streams to the actors while it
 reads on. `read_and_prepare` reads each file, hashes it, drops it when the ledger already knows it
 (before decoding, so a re-run costs only reading and hashing) and decodes and preprocesses
-it with `images`, the same code as training. A file that is not a usable image keeps
-going as an error row with its reason. Inputs travel as uint8 (size, size) planes, a
+it with `images`, the same code as training. Any failure for one file (reading, hashing,
+decoding, preprocessing, whatever the exception) makes that file an error row with a code
+(`ImageDecodeError.code`, or `internal_error:<type>`) and a reason, never a failed block.
+A model call that fails is retried once; if it fails again its files become `model_failed`
+rows and the run goes on. Inputs travel as uint8 (size, size) planes, a
 twelfth of the float32 (size, size, 3) tensor `images.preprocess` returns, and are
 expanded back exactly (`pack` / `unpack`) next to the model.
 
@@ -18,20 +21,25 @@ the batches to the running Serve application through its deployment handle.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 
 import numpy as np
 
 from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_hex
-from xray_ray.images.decode import ImageDecodeError, read_bytes
+from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
+from xray_ray.images.decode import read_bytes
+from xray_ray.images.dicom import printable
 from xray_ray.images.preprocess import decode_and_preprocess
-from xray_ray.scoring.ledger import row_key
+from xray_ray.scoring.ledger import MODEL_FAILED, row_key
+
+log = logging.getLogger(__name__)
 
 PROBABILITY_COLUMNS = {name: "prob_" + name.replace(" ", "_") for name in CLASS_NAMES}
 PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(),
-                      "model_version", "engine", "scored_at", "status", "error_reason"]
-_PASSED_ON = ("path", "sha256", "size", "status", "error_reason")
+                      "model_version", "engine", "scored_at", "status", "error_code", "error_reason"]
+_PASSED_ON = ("path", "sha256", "size", "status", "error_code", "error_reason")
 
 
 def pack(model_input: np.ndarray) -> np.ndarray:
@@ -44,8 +52,36 @@ def unpack(planes: np.ndarray) -> np.ndarray:
     return np.repeat(planes[..., np.newaxis], 3, axis=3).astype(np.float32)
 
 
-def read_and_prepare(batch: dict, image_size: int, known) -> dict:
-    """Files (`path`, discovery `error`) -> hashed rows with packed pixels; files in `known` are dropped.
+def failure(exc: BaseException) -> tuple[str, str]:
+    """(code, reason) of any exception met while handling one file or batch."""
+    if isinstance(exc, ImageDecodeError):
+        return exc.code, exc.reason
+    message = printable(" ".join(str(exc).split()), 160)
+    name = type(exc).__name__
+    return f"internal_error:{name}", f"{name}: {message}" if message else name
+
+
+def _prepare_file(path: str, found_error: str, found_code: str, image_size: int, known,
+                  limits: DecodeLimits) -> tuple | None:
+    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows it."""
+    sha256, size, data = "", -1, b""
+    try:
+        if found_error:
+            raise ImageDecodeError(found_error, found_code or "unreadable")
+        data = read_bytes(path, limits)
+        sha256, size = sha256_hex(data), len(data)
+    except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
+        return None if row_key(sha256, path) in known else (path, sha256, size, "error", *failure(exc), None)
+    if row_key(sha256, path) in known:
+        return None
+    try:
+        return path, sha256, size, "ok", "", "", pack(decode_and_preprocess(data, image_size, limits))
+    except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
+        return path, sha256, size, "error", *failure(exc), None
+
+
+def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits = LIMITS) -> dict:
+    """Files (`path`, discovery `error` and `code`) -> hashed rows with packed pixels; files in `known` are dropped.
 
     `known` is a `ledger.KnownKeys`, or an ObjectRef to one (fetched zero-copy from the object store).
     """
@@ -55,38 +91,27 @@ def read_and_prepare(batch: dict, image_size: int, known) -> dict:
         known = ray.get(known)
     rows = {key: [] for key in (*_PASSED_ON, "pixels")}
     blank = np.zeros((image_size, image_size), np.uint8)
-    for path, found_error in zip(batch["path"], batch["error"]):
-        sha256, size, status, reason, pixels, data = "", -1, "ok", "", blank, b""
-        try:
-            if found_error:
-                raise ImageDecodeError(found_error)
-            data = read_bytes(path)
-            sha256, size = sha256_hex(data), len(data)
-        except ImageDecodeError as err:
-            status, reason = "error", err.reason
-        if row_key(sha256, path) in known:
+    codes = batch.get("code", [""] * len(batch["path"]))
+    for path, found_error, found_code in zip(batch["path"], batch["error"], codes):
+        prepared = _prepare_file(path, found_error, found_code, image_size, known, limits)
+        if prepared is None:
             continue
-        if status == "ok":
-            try:
-                pixels = pack(decode_and_preprocess(data, image_size))
-            except ImageDecodeError as err:
-                status, reason = "error", err.reason
-        for key, value in zip(rows, (path, sha256, size, status, reason, pixels)):
-            rows[key].append(value)
+        for key, value in zip(rows, prepared):
+            rows[key].append(blank if key == "pixels" and value is None else value)
     out = {key: np.array(values, dtype=object) for key, values in rows.items() if key != "pixels"}
     out["size"] = np.array(rows["size"], dtype=np.int64)
     out["pixels"] = np.stack(rows["pixels"]) if rows["pixels"] else np.zeros((0, image_size, image_size), np.uint8)
     return out
 
 
-def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16):
+def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16, limits: DecodeLimits = LIMITS):
     """For each file-list chunk in `batch["chunk"]`, yield `read_and_prepare` batches of `rows_per_batch` files."""
     import pyarrow.parquet as pq
 
     for chunk in batch["chunk"]:
-        for files in pq.ParquetFile(chunk).iter_batches(batch_size=rows_per_batch, columns=["path", "error"]):
+        for files in pq.ParquetFile(chunk).iter_batches(batch_size=rows_per_batch, columns=["path", "error", "code"]):
             prepared = read_and_prepare({name: files.column(name).to_numpy(zero_copy_only=False)
-                                         for name in ("path", "error")}, image_size, known)
+                                         for name in ("path", "error", "code")}, image_size, known, limits)
             if len(prepared["path"]):  # every file already scored: nothing to send on
                 yield prepared
 
@@ -98,14 +123,30 @@ class Scorer:
         """(probabilities (N, 4) in CLASS_NAMES order, model version, engine) for float32 inputs."""
         raise NotImplementedError
 
+    def _predict_with_retry(self, inputs: np.ndarray):
+        """`predict`, tried a second time if the first call fails; the second failure is raised."""
+        try:
+            return self.predict(inputs)
+        except Exception as exc:  # noqa: BLE001 - any model failure gets one more try
+            log.warning("model call for %d images failed (%s); retrying once", len(inputs), failure(exc)[1])
+        return self.predict(inputs)
+
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
-        ok = batch["status"] == "ok"
+        out = {key: np.array(batch[key], dtype=object) for key in _PASSED_ON}
+        out["size"] = batch["size"]
+        ok = out["status"] == "ok"
         probabilities = np.full((n, len(CLASS_NAMES)), np.nan)
         version, engine = self.describe()
         if ok.any():
-            probabilities[ok], version, engine = self.predict(unpack(batch["pixels"][ok]))
-        out = {key: batch[key] for key in _PASSED_ON}
+            try:
+                probabilities[ok], version, engine = self._predict_with_retry(unpack(batch["pixels"][ok]))
+            except Exception as exc:  # noqa: BLE001 - the batch's files become error rows, the run goes on
+                _, reason = failure(exc)
+                log.error("model call for %d images failed twice (%s); they become error rows", ok.sum(), reason)
+                out["status"][ok], out["error_code"][ok] = "error", MODEL_FAILED
+                out["error_reason"][ok] = f"the model failed on this batch twice ({reason})"
+                ok[:] = False
         labels = np.array(CLASS_NAMES, dtype=object)[np.nan_to_num(probabilities).argmax(axis=1)]
         out["predicted_label"] = np.where(ok, labels, "")
         for i, column in enumerate(PROBABILITY_COLUMNS.values()):

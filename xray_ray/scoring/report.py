@@ -91,7 +91,7 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     review_rows = review_rows[["why", *review_rows.columns[:-1]]]
     write_csv(report / "review.csv", review_rows)
     error_rows = pd.DataFrame({"file": [display_path(p, roots) for p in errors["path"]],
-                               "reason": errors["error_reason"], "path": errors["path"]})
+                               "code": errors["error_code"], "reason": errors["error_reason"], "path": errors["path"]})
     write_csv(report / "errors.csv", error_rows)
     counts = _counts(ok, threshold)
     write_csv(report / "counts.csv", counts)
@@ -117,7 +117,8 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
         "skipped_already_scored": state.get("skipped_already_scored"),
         "per_class": {row["Predicted class"]: row["Images"] for row in counts},
         "review_threshold": threshold, "below_threshold": int((ok["confidence"] < threshold).sum()), "top_n": top_n,
-        "error_reasons": errors["error_reason"].value_counts().to_dict(),
+        "error_codes": {str(k): int(v) for k, v in errors["error_code"].value_counts().sort_index().items()},
+        "error_reasons": {str(k): int(v) for k, v in errors["error_reason"].value_counts().items()},
         "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
                                                          "class folders", **evaluation.as_dict()},
     }
@@ -192,8 +193,11 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
                                           else "the labels file given to the run"))
     sections += [
         Section("Files that could not be read", [
-            Text("These files were not scored; the reason says what is wrong with each file. "
-                 "They did not stop the run."),
+            Text("These files were not scored; the code says what kind of problem it is, the reason what is "
+                 "wrong with each file. They did not stop the run. Files whose problem may pass (the model failed, "
+                 "the file was being written or could not be opened) are tried again by the next run."),
+            *([Table([{"Code": code, "Files": n} for code, n in summary["error_codes"].items()])]
+              if summary["error_codes"] else []),
             Table(error_rows.drop(columns=["path"]), max_rows=100, full_file="errors.csv")
             if len(error_rows) else Text("None: every file was readable."),
         ]),

@@ -8,10 +8,16 @@ model version are skipped, so running the same night again scores nothing new, t
 night scores only new files, and a new model version rescores everything. A run killed
 half way (driver or actor) is completed by running the same command again: committed
 parts stay, their files are skipped, the rest is scored. A lock on `<out>` keeps two
-drivers from writing the same output at once.
+drivers from writing the same output at once. Before anything else a run repairs the
+ledger (`ledger.repair`): damaged parts and ledger files left by a power loss are moved to
+`<out>/quarantine/` and what they covered is scored again.
+
+Scoring stays inside the archive folders: symlinks that lead outside them become
+`outside_archive` error rows unless `follow_symlinks` is set, and `out` is never walked.
 
 Errors that stop a run before it starts are `ScoreError`s with an exit code: 2 bad
-configuration, 3 unusable model (or no running Serve app), 4 unreachable archive.
+configuration, 3 unusable model (or no running Serve app, or not the version expected),
+4 unreachable archive. Anything that goes wrong for one file is that file's error row.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class ScoreOptions:
     commit_rows: int = 1000  # rows per committed predictions part (at least one task's files)
     files_per_task: int = 256  # files per read task; results arrive (and are committed) a task at a time
     object_store_mb: int = 256  # cap on decoded inputs waiting for the model: memory stays flat in archive size
+    follow_symlinks: bool = False  # read files that symlinks lead to outside the archive folders
+    expect_version: str | None = None  # refuse (exit 3) a model whose card names another version
 
     def check(self) -> None:
         """Raise ScoreError(exit 2) for a setting that cannot work."""
@@ -128,6 +136,8 @@ def model_info(options: ScoreOptions) -> ModelInfo:
         found = _card_info(Path(options.model), options.engine)
     if found.classes != list(CLASS_NAMES):
         raise ScoreError(f"the model's classes {found.classes} are not {list(CLASS_NAMES)}", 3)
+    if options.expect_version is not None and found.version != options.expect_version:
+        raise ScoreError(f"the model is version {found.version!r}, not the expected {options.expect_version!r}", 3)
     return found
 
 
@@ -152,32 +162,45 @@ def _locked(out: Path):
         yield
 
 
+def _run_version(folder: Path) -> str | None:
+    """The model version of the run in `folder` (run.json, or its parts if run.json is damaged); None if empty."""
+    try:
+        return json.loads((folder / RUN_FILE).read_text())["model_version"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        versions = read_predictions(folder)["model_version"].dropna().unique()
+        log.warning("%s is damaged; the run's model version is taken from its predictions (%s)",
+                    folder / RUN_FILE, ", ".join(versions) or "none yet")
+        return versions[0] if len(versions) else None
+
+
 def run_folder(out: Path, name: str | None, version: str) -> Path:
     """`<out>/<name>`, or `<name>.2`, `.3`... when that folder holds another model version's run."""
     base = name or time.strftime("%Y-%m-%d")
     for n in range(1, 1000):
         folder = out / (base if n == 1 else f"{base}.{n}")
-        state = folder / RUN_FILE
-        if not state.is_file() or json.loads(state.read_text())["model_version"] == version:
+        if _run_version(folder) in (None, version):
             return folder
     raise ScoreError(f"too many runs named {base} in {out}", 2)
 
 
-def write_file_list(roots: list[Path], folder: Path, exclude: Path, chunk_rows: int) -> dict:
-    """Stream the archives' files into Parquet chunks of `chunk_rows` paths; returns counts."""
+def write_file_list(roots: list[Path], folder: Path, exclude: Path, chunk_rows: int,
+                    follow_symlinks: bool = False) -> dict:
+    """Stream the archives' files (and walk errors) into Parquet chunks of `chunk_rows` paths; returns counts."""
     shutil.rmtree(folder, ignore_errors=True)
     counts, chunk = {"files": 0, "walk_errors": 0}, []
 
     def flush():
         if chunk:
             with atomic_path(folder / f"files-{counts['files'] // chunk_rows:08d}.parquet") as tmp:
-                pd.DataFrame(chunk, columns=["path", "error"]).to_parquet(tmp, index=False)
+                pd.DataFrame(chunk, columns=["path", "error", "code"]).to_parquet(tmp, index=False)
             counts["files"] += len(chunk)
             chunk.clear()
 
     for root in roots:
-        for found in archive.walk(root, exclude=[exclude]):
-            chunk.append((found.path, found.error))
+        for found in archive.walk(root, exclude=[exclude], roots=roots, follow_symlinks=follow_symlinks):
+            chunk.append((found.path, found.error, found.code))
             counts["walk_errors"] += bool(found.error)
             if len(chunk) == chunk_rows:
                 flush()
@@ -202,11 +225,17 @@ def _write_part(folder: Path, out: Path, frames: list[pd.DataFrame]) -> int:
 
 
 def read_predictions(folder: str | Path) -> pd.DataFrame:
-    """All committed prediction rows of one run folder."""
+    """The committed prediction rows of one run folder: the latest row of each file.
+
+    A file has more than one row only when an earlier attempt failed in a way worth retrying
+    (`ledger.RETRIED_CODES`) and the same run was run again; the later answer counts.
+    """
     parts = sorted((Path(folder) / ledger.PARTS_DIR).glob("part-*.parquet"))
     if not parts:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    frame = pd.concat([pd.read_parquet(p).reindex(columns=PREDICTION_COLUMNS) for p in parts], ignore_index=True)
+    frame["error_code"] = frame["error_code"].fillna("")
+    return frame.drop_duplicates(subset="path", keep="last").reset_index(drop=True)
 
 
 def _scorer(options: ScoreOptions) -> tuple[type, dict, dict]:
@@ -260,17 +289,19 @@ def score(options: ScoreOptions) -> dict:
         ensure_ray()
     info = model_info(options)
     with _locked(out):
+        ledger.repair(out)  # first: everything after reads parts and ledger files
         folder = run_folder(out, options.run, info.version)
+        ledger.repair(out, read_in_full=folder)  # the parts the report will read, checked in full
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state = {"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
                  "status": "running", "archives": [str(r) for r in roots], "options": asdict(options)}
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
-        repaired = ledger.reconcile(out)
         known = ledger.known_keys(out, info.version)
         files = folder / ".work" / "files"
-        counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task)
-        log.info("%d files found (%d walk errors); %d already scored by %s%s", counts["files"], counts["walk_errors"],
-                 len(known), info.version, f"; {repaired} ledger entries repaired" if repaired else "")
+        counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
+                                 follow_symlinks=options.follow_symlinks)
+        log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
+                 len(known), info.version)
         ensure_ray()
         written = _score_files(options, files, info, known, folder, out) if counts["files"] else 0
         shutil.rmtree(folder / ".work", ignore_errors=True)
