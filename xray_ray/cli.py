@@ -253,9 +253,12 @@ def score(
     backend: str = typer.Option("actors", "--backend", help="actors: the job's own Classifier actors; serve: the "
                                 "running Serve application's replicas."),
     engine: str = typer.Option("auto", "--engine", help="auto, onnxruntime or keras (actors backend)."),
-    actors: int = typer.Option(1, "--actors", help="Scoring actors (each holds one copy of the model)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", help="CPUs Ray reserves per actor."),
-    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per actor (fractions share a GPU)."),
+    actors: int = typer.Option(0, "--actors", help="Scoring actors (each holds one copy of the model); 0: from 1 "
+                               "up to what fits the cluster, leaving room for reading."),
+    cpus_per_actor: float = typer.Option(0.0, "--cpus-per-actor", help="CPUs Ray reserves per actor; 0: chosen "
+                                         "from the cluster."),
+    gpus_per_actor: float = typer.Option(None, "--gpus-per-actor", help="GPUs per actor (fractions share a GPU); "
+                                         "default 1 where the cluster has GPUs."),
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per actor; 0: the CPUs Ray gave the actor."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
     read_cpus: float = typer.Option(0.5, "--read-cpus", help="CPUs Ray reserves per read/decode task."),

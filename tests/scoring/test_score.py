@@ -139,6 +139,11 @@ def test_exit_codes_for_bad_configuration_model_and_archive(tmp_path, compact_mo
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--backend", "spark"], 2, "--backend"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--expect-version", "other"], 3,
          "not the expected 'other'"),
+        # The session's Ray has 2 CPUs: two 1-CPU actors would leave none for reading, and the job would hang.
+        (["--archive", str(archive_dir), "--model", model, "--out", out, "--actors", "2", "--cpus-per-actor", "1"], 2,
+         "need 2.5 CPU; the cluster has 2 CPU"),
+        (["--archive", str(archive_dir), "--model", model, "--out", out, "--gpus-per-actor", "1"], 2,
+         "asks for 1 GPU but the cluster has 0"),
     ]
     for args, code, message in cases:
         result = _cli(*args)

@@ -223,3 +223,21 @@ def test_real_images_with_class_folder_labels_give_the_full_report(model, real_r
     assert again["scored_this_time"] == 0 and again["ground_truth"]["source"] == "labels CSV"
     assert again["ground_truth"]["confusion"] == truth["confusion"]
     assert not any(real_root.glob("**/report"))  # nothing written into the shared data
+
+
+def test_summary_breaks_the_run_down_by_stage_and_the_default_pool_fits_the_cluster(model, tmp_path):
+    """Every stage has its seconds, start-up is apart, and with no flags the pool is sized from this 2-CPU Ray."""
+    archive = _phantoms(tmp_path / "archive", per_class=6)
+    summary = _score(archive, model, tmp_path / "out", "timed", batch_size=4, files_per_task=8, commit_rows=8)
+    timing = summary["timing"]
+    assert timing["images_scored"] == summary["scored"] == 24
+    busy = timing["stage_busy_s"]
+    assert set(busy) == {"discovery", "read", "hash", "decode_preprocess", "queueing", "model", "write", "report"}
+    assert all(seconds >= 0 for seconds in busy.values())
+    assert busy["model"] > 0 and busy["decode_preprocess"] > 0 and busy["write"] > 0 and busy["report"] > 0
+    assert 0 < timing["startup_s"]["first_result_s"] <= timing["wall_s"]
+    assert timing["startup_s"]["model_load_s_per_actor_sum"] > 0
+    saved = json.loads((tmp_path / "out" / "timed" / "report" / "summary.json").read_text())
+    assert saved["timing"] == timing
+    pool = json.loads((tmp_path / "out" / "timed" / "run.json").read_text())["pool"]
+    assert pool == {"min_actors": 1, "max_actors": 1, "cpus_per_actor": 1.5, "gpus_per_actor": 0.0, "read_cpus": 0.5}

@@ -8,6 +8,7 @@ this module imports neither.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def onnx_threads() -> int:
             context = ray.get_runtime_context()
             if context.worker.mode == ray.WORKER_MODE:
                 cpus = float(context.get_assigned_resources().get("CPU", 0.0))
-                return max(1, int(cpus))
+                return max(1, math.ceil(cpus - 1e-9))  # 1.5 CPUs: two threads (the rest is a read task's share)
         except Exception as err:  # noqa: BLE001 - an unexpected Ray API change must not stop inference
             log.debug("could not read the CPUs Ray assigned: %s", err)
     return os.cpu_count() or 1

@@ -22,6 +22,7 @@ the batches to the running Serve application through its deployment handle.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -40,6 +41,10 @@ PROBABILITY_COLUMNS = {name: "prob_" + name.replace(" ", "_") for name in CLASS_
 PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(),
                       "model_version", "engine", "scored_at", "status", "error_code", "error_reason"]
 _PASSED_ON = ("path", "sha256", "size", "status", "error_code", "error_reason")
+TIMING_PREFIX = "t_"
+READ_STAGES = ("read", "hash", "decode_preprocess")
+WORKER_STAGES = (*READ_STAGES, "queueing", "model", "model_load")
+"""Stages whose seconds the pipeline's tasks and actors measure (summed over rows by the driver)."""
 
 
 def pack(model_input: np.ndarray) -> np.ndarray:
@@ -62,22 +67,32 @@ def failure(exc: BaseException) -> tuple[str, str]:
 
 
 def _prepare_file(path: str, found_error: str, found_code: str, image_size: int, known,
-                  limits: DecodeLimits) -> tuple | None:
-    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows it."""
+                  limits: DecodeLimits, seconds: dict[str, float]) -> tuple | None:
+    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows it.
+
+    The time spent reading, hashing and decoding is added to `seconds`.
+    """
     sha256, size, data = "", -1, b""
     try:
         if found_error:
             raise ImageDecodeError(found_error, found_code or "unreadable")
+        started = time.perf_counter()
         data = read_bytes(path, limits)
+        read = time.perf_counter()
         sha256, size = sha256_hex(data), len(data)
+        seconds["read"] += read - started
+        seconds["hash"] += time.perf_counter() - read
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
         return None if row_key(sha256, path) in known else (path, sha256, size, "error", *failure(exc), None)
     if row_key(sha256, path) in known:
         return None
+    started = time.perf_counter()
     try:
         return path, sha256, size, "ok", "", "", pack(decode_and_preprocess(data, image_size, limits))
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
         return path, sha256, size, "error", *failure(exc), None
+    finally:
+        seconds["decode_preprocess"] += time.perf_counter() - started
 
 
 def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits = LIMITS) -> dict:
@@ -92,8 +107,9 @@ def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits =
     rows = {key: [] for key in (*_PASSED_ON, "pixels")}
     blank = np.zeros((image_size, image_size), np.uint8)
     codes = batch.get("code", [""] * len(batch["path"]))
+    seconds = dict.fromkeys(READ_STAGES, 0.0)
     for path, found_error, found_code in zip(batch["path"], batch["error"], codes):
-        prepared = _prepare_file(path, found_error, found_code, image_size, known, limits)
+        prepared = _prepare_file(path, found_error, found_code, image_size, known, limits, seconds)
         if prepared is None:
             continue
         for key, value in zip(rows, prepared):
@@ -101,6 +117,10 @@ def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits =
     out = {key: np.array(values, dtype=object) for key, values in rows.items() if key != "pixels"}
     out["size"] = np.array(rows["size"], dtype=np.int64)
     out["pixels"] = np.stack(rows["pixels"]) if rows["pixels"] else np.zeros((0, image_size, image_size), np.uint8)
+    n = len(out["path"])
+    for stage, spent in seconds.items():  # each row carries its share of the batch's time: sums add up
+        out[f"{TIMING_PREFIX}{stage}"] = np.full(n, spent / n if n else 0.0)
+    out["read_done_at"] = np.full(n, time.time())
     return out
 
 
@@ -117,7 +137,14 @@ def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16, l
 
 
 class Scorer:
-    """Packed batches -> prediction rows; subclasses say how probabilities are obtained."""
+    """Packed batches -> prediction rows; subclasses say how probabilities are obtained.
+
+    Rows also carry `t_<stage>` columns: each row's share of the seconds its batch spent
+    reading, hashing, decoding, waiting for an actor and in the model, and the actor's model
+    load time once; the driver sums them into the run's stage breakdown.
+    """
+
+    load_seconds = 0.0
 
     def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, str, str]:
         """(probabilities (N, 4) in CLASS_NAMES order, model version, engine) for float32 inputs."""
@@ -133,7 +160,11 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
+        started = time.time()
         out = {key: np.array(batch[key], dtype=object) for key in _PASSED_ON}
+        for stage in READ_STAGES:
+            out[f"{TIMING_PREFIX}{stage}"] = batch[f"{TIMING_PREFIX}{stage}"]
+        out[f"{TIMING_PREFIX}queueing"] = np.maximum(0.0, started - batch["read_done_at"])
         out["size"] = batch["size"]
         ok = out["status"] == "ok"
         probabilities = np.full((n, len(CLASS_NAMES)), np.nan)
@@ -154,6 +185,10 @@ class Scorer:
         out["model_version"] = np.full(n, version, dtype=object)
         out["engine"] = np.full(n, engine, dtype=object)
         out["scored_at"] = np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))
+        out[f"{TIMING_PREFIX}model"] = np.full(n, (time.time() - started) / n if n else 0.0)
+        out[f"{TIMING_PREFIX}model_load"] = np.zeros(n)
+        if n and self.load_seconds:  # reported once, with this actor's first batch
+            out[f"{TIMING_PREFIX}model_load"][0], self.load_seconds = self.load_seconds, 0.0
         return out
 
     def describe(self) -> tuple[str, str]:
@@ -167,7 +202,9 @@ class ActorScorer(Scorer):
     def __init__(self, model_dir: str, engine: str = "auto", threads: int | None = None):
         from xray_ray.model_folder.classifier import Classifier
 
+        started = time.perf_counter()
         self.classifier = Classifier(model_dir, engine=engine, threads=threads)
+        self.load_seconds = time.perf_counter() - started
 
     def predict(self, inputs):
         answer = self.classifier.predict_arrays(inputs)

@@ -38,6 +38,7 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.files import atomic_path, atomic_write_text
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.ray_runtime import ensure_ray
+from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
 from xray_ray.scoring.pipeline import (
     PREDICTION_COLUMNS,
@@ -46,7 +47,9 @@ from xray_ray.scoring.pipeline import (
     read_chunks,
     serve_handle,
 )
+from xray_ray.scoring.pool import PoolPlan, PoolRefused, cluster_totals, plan_pool
 from xray_ray.scoring.report import write_report
+from xray_ray.scoring.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,9 @@ class ScoreOptions:
     model: str | None = None  # exported model folder; optional with backend "serve"
     backend: str = "actors"  # actors | serve
     engine: str = "auto"  # auto | onnxruntime | keras (actors backend)
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    actors: int = 0  # 0: autoscale from 1 up to what fits the cluster (scoring.pool)
+    cpus_per_actor: float = 0.0  # 0: chosen from the cluster (scoring.pool)
+    gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     threads: int = 0  # ONNX Runtime intra-op threads per actor; 0: the CPUs Ray gave the actor
     batch_size: int = 32
     read_cpus: float = 0.5  # CPUs reserved per read/decode task: fractional so actors never starve reading
@@ -98,11 +101,11 @@ class ScoreOptions:
             problems.append("--model is required with the actors backend")
         if self.engine not in ("auto", "onnxruntime", "keras"):
             problems.append(f"--engine must be auto, onnxruntime or keras, not {self.engine!r}")
-        for name in ("actors", "batch_size", "top_n", "commit_rows", "files_per_task", "object_store_mb"):
+        for name in ("batch_size", "top_n", "commit_rows", "files_per_task", "object_store_mb"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
-        if self.threads < 0 or self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.read_cpus <= 0:
-            problems.append("--threads, --cpus-per-actor and --gpus-per-actor must be >= 0, --read-cpus > 0")
+        if min(self.actors, self.threads, self.cpus_per_actor, self.gpus_per_actor or 0) < 0 or self.read_cpus <= 0:
+            problems.append("--actors, --threads, --cpus-per-actor and --gpus-per-actor must be >= 0, --read-cpus > 0")
         if not 0 <= self.review_threshold <= 1:
             problems.append(f"--review-threshold must be between 0 and 1, not {self.review_threshold}")
         if self.labels and not Path(self.labels).is_file():
@@ -238,39 +241,55 @@ def read_predictions(folder: str | Path) -> pd.DataFrame:
     return frame.drop_duplicates(subset="path", keep="last").reset_index(drop=True)
 
 
-def _scorer(options: ScoreOptions) -> tuple[type, dict, dict]:
-    """The scorer class, its constructor arguments, and the resources each of its actors reserves."""
-    if options.backend == "serve":  # these actors only wait on the Serve replicas, which hold the model
-        return ServeScorer, {}, {"num_cpus": 0.1}
+def plan(options: ScoreOptions) -> PoolPlan:
+    """The actor pool for this run on the connected cluster; ScoreError(2) for one that could never progress."""
+    cpus, gpus = cluster_totals()
+    try:
+        if options.backend == "serve":  # these actors only wait on the Serve replicas, which hold the model
+            return plan_pool(cpus, 0.0, options.read_cpus, options.actors or 1, 0.1, 0.0)
+        return plan_pool(cpus, gpus, options.read_cpus, options.actors, options.cpus_per_actor, options.gpus_per_actor)
+    except PoolRefused as err:
+        raise ScoreError(f"this scoring pool cannot make progress: {err}", 2) from None
+
+
+def _scorer(options: ScoreOptions) -> tuple[type, dict]:
+    """The scorer class and its constructor arguments."""
+    if options.backend == "serve":
+        return ServeScorer, {}
     threads = options.threads or None  # None: engines.onnx_threads, the CPUs Ray assigned (as in Serve)
-    return (ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads},
-            {"num_cpus": options.cpus_per_actor, "num_gpus": options.gpus_per_actor})
+    return ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads}
 
 
-def _score_files(options: ScoreOptions, files: Path, info: ModelInfo, known, folder: Path, out: Path) -> int:
+def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
+                 out: Path, times: StageTimes) -> int:
     """Run the pipeline over the file list, committing parts as rows arrive; returns rows written."""
     import ray  # heavy: imported where the pipeline is built
 
-    scorer, kwargs, resources = _scorer(options)
+    scorer, kwargs = _scorer(options)
     chunks = [{"chunk": str(path)} for path in sorted(files.glob("files-*.parquet"))]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": info.image_size, "known": ray.put(known)},
-                        batch_size=1, batch_format="numpy", num_cpus=options.read_cpus)
+                        batch_size=1, batch_format="numpy", num_cpus=pool.read_cpus)
     ds = ds.map_batches(scorer, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=options.actors), **resources)
+                        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+                        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)
     # Reading outruns inference: uncapped, decoded inputs would pile up in the object store in
     # proportion to the archive. A fixed budget makes the reads wait instead.
     execution = ds.context.execution_options
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.object_store_mb * 2**20)
     written, pending, rows = 0, [], 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        times.mark("first_result_s")
+        times.add_rows(batch)
         pending.append(batch)
         rows += len(batch)
         if rows >= options.commit_rows:
-            written += _write_part(folder, out, pending)
+            with times.measure("write"):
+                written += _write_part(folder, out, pending)
             log.info("%d rows committed", written)
             pending, rows = [], 0
-    return written + _write_part(folder, out, pending)
+    with times.measure("write"):
+        return written + _write_part(folder, out, pending)
 
 
 def score(options: ScoreOptions) -> dict:
@@ -285,9 +304,12 @@ def score(options: ScoreOptions) -> dict:
     except (OSError, ValueError) as err:
         raise ScoreError(f"cannot read --labels: {err}", 2) from None
     out = Path(options.out).resolve()
-    if options.backend == "serve":
+    times = StageTimes()
+    with times.measure("ray_s"):
         ensure_ray()
     info = model_info(options)
+    pool = plan(options)
+    log.info("scoring pool: %s", pool.describe())
     with _locked(out):
         ledger.repair(out)  # first: everything after reads parts and ledger files
         folder = run_folder(out, options.run, info.version)
@@ -298,15 +320,20 @@ def score(options: ScoreOptions) -> dict:
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         known = ledger.known_keys(out, info.version)
         files = folder / ".work" / "files"
-        counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
-                                 follow_symlinks=options.follow_symlinks)
+        with times.measure("discovery"):
+            counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
+                                     follow_symlinks=options.follow_symlinks)
         log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
                  len(known), info.version)
-        ensure_ray()
-        written = _score_files(options, files, info, known, folder, out) if counts["files"] else 0
+        written = _score_files(options, pool, files, info, known, folder, out, times) if counts["files"] else 0
         shutil.rmtree(folder / ".work", ignore_errors=True)
         state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     found=counts["files"], scored_now=written, skipped_already_scored=counts["files"] - written)
+                     found=counts["files"], scored_now=written, skipped_already_scored=counts["files"] - written,
+                     pool=asdict(pool))
+        with times.measure("report"):
+            summary = write_report(folder, read_predictions(folder), state, roots, truth,
+                                   threshold=options.review_threshold, top_n=options.top_n)
+        state["timing"] = summary["timing"] = times.as_dict(written)
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
-        return write_report(folder, read_predictions(folder), state, roots, truth,
-                            threshold=options.review_threshold, top_n=options.top_n)
+        write_json(folder / "report" / "summary.json", summary)
+        return summary
