@@ -8,12 +8,16 @@ for each engine (ONNX Runtime, and Keras with --keras):
 2. seed-style loop: one process that, batch after batch, opens each file with PIL,
    converts and resizes it, then predicts: decoding and inference never overlap. On the
    Keras engine this is the origin's way of scoring, the baseline the job must beat;
-3. the scoring job end to end (`xray_ray.score.score`, actors backend, on a local Ray started
+3. the scoring job end to end (`xray_ray.scoring.run.score`, actors backend, on a local Ray started
    beforehand as `ray job submit` finds one), from the call to the written report. The
    scoring actors' peak resident memory is read from their /proc entries while it runs.
 
-Each ratio uses images/s; 3/1 >= 0.9 means reading and decoding are hidden behind inference,
-and the ONNX Runtime job over the Keras seed loop is what the engine buys a nightly run.
+The job runs with the pool sized from the cluster and, side by side, with the pre-sizing
+default (1 actor x 1 CPU), each repeated (--repeats). `ratio_job_to_model` is the job with
+its start-up (first scored row) excluded over the model-only ceiling; `ratio_job_to_seed_loop`
+is the job, start-up included, over the seed-style loop on the same engine; with --keras,
+`ratio_job_to_keras_seed_loop` is what the engine buys a nightly run. Each run's per-stage
+busy seconds (summary.json's `timing`) are saved beside them.
 Memory: the job scores 2,000 and then 20,000 files (hard links to the same phantoms, each
 scored as its own file) in fresh Ray instances, while the proportional set size (PSS, so
 shared object-store pages count once) of the driver plus every Ray process it started is
@@ -71,7 +75,8 @@ def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: 
     seconds = time.perf_counter() - started
     ray.shutdown()
     print(json.dumps({"seconds": seconds, "files": summary["files"], "scored": summary["scored"],
-                      "engines": summary["engines"], "steady_img_s": steady_rate(Path(out) / "bench")}))
+                      "engines": summary["engines"], "steady_img_s": steady_rate(Path(out) / "bench"),
+                      "timing": summary["timing"]}))
 
 
 def steady_rate(run: Path) -> float | None:
@@ -85,12 +90,12 @@ def steady_rate(run: Path) -> float | None:
     return rows / (parts[-1].stat().st_mtime - parts[0].stat().st_mtime)
 
 
-def run_job(args, archive: Path, model: Path, engine: str) -> dict:
+def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per_actor: float) -> dict:
     """Score `archive` in a fresh process while sampling the PSS of its process tree; returns figures."""
     with tempfile.TemporaryDirectory() as out:
         process = subprocess.Popen(
-            [sys.executable, __file__, "--job-worker", str(archive), str(model), out, str(args.actors),
-             str(args.cpus_per_actor), str(args.read_cpus), str(args.batch), engine],
+            [sys.executable, __file__, "--job-worker", str(archive), str(model), out, str(actors),
+             str(cpus_per_actor), str(args.read_cpus), str(args.batch), engine],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
@@ -149,8 +154,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="phantoms in the throughput comparison")
     parser.add_argument("--size", type=int, default=240, help="model input size (EfficientNetB1's)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--actors", type=int, default=0, help="0: the pool sized from the cluster (the default)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.0, help="0: chosen from the cluster")
+    parser.add_argument("--compare-pool", default="1x1",
+                        help="ACTORSxCPUS: a second pool measured side by side (the pre-sizing default 1x1; '' skips)")
+    parser.add_argument("--repeats", type=int, default=2, help="each figure measured this many times: ranges")
     parser.add_argument("--read-cpus", type=float, default=0.5)
     parser.add_argument("--memory-files", default="2000,20000",
                         help="archive sizes for the memory comparison ('' skips it)")
@@ -174,26 +182,47 @@ def main() -> None:
         synth.write_dataset(tmp / "archive", per_class=args.images // 4, size=299, seed=3)
         paths = sorted((tmp / "archive").glob("*/images/*.png"))
         inputs = np.stack([decode_and_preprocess(p.read_bytes(), card["input"]["size"]) for p in paths])
-        rows = []
-        for engine in ["onnxruntime", *(["keras"] if args.keras else [])]:
-            classifier = Classifier(model, engine=engine)
-            one = model_only(classifier, inputs, args.batch)
-            two = seed_loop(classifier, paths, args.batch)
-            del classifier
-            job = run_job(args, tmp / "archive", model, engine)
-            three = job["scored"] / job["seconds"]
-            rows.append({"engine": engine, "images": len(paths), "model_only_img_s": one, "seed_loop_img_s": two,
-                         "job_img_s": three, "job_s": job["seconds"], "ratio_3_1": three / one,
-                         "ratio_3_2": three / two, "job_steady_img_s": job["steady_img_s"] or "-",
-                         "actor_peak_rss_mb": job["actor_rss_mb"]})
+        rows, breakdowns = [], []
+        pools = [("sized", args.actors, args.cpus_per_actor)]
+        if args.compare_pool:
+            actors, cpus = args.compare_pool.split("x")
+            pools.append((f"{actors}x{cpus}", int(actors), float(cpus)))
+        for repeat in range(args.repeats):
+            for engine in ["onnxruntime", *(["keras"] if args.keras else [])]:
+                classifier = Classifier(model, engine=engine)
+                one = model_only(classifier, inputs, args.batch)
+                two = seed_loop(classifier, paths, args.batch)
+                del classifier
+                for pool, actors, cpus in pools:
+                    job = run_job(args, tmp / "archive", model, engine, actors, cpus)
+                    timing = job["timing"]
+                    startup = timing["startup_s"].get("first_result_s", 0.0)
+                    three = job["scored"] / job["seconds"]
+                    steady = job["scored"] / max(job["seconds"] - startup, 1e-9)
+                    rows.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "images": len(paths),
+                                 "model_only_img_s": one, "seed_loop_img_s": two, "job_img_s": three,
+                                 "job_excl_startup_img_s": steady, "startup_s": startup,
+                                 "ratio_job_to_model": steady / one, "ratio_job_to_seed_loop": three / two,
+                                 "actor_peak_rss_mb": job["actor_rss_mb"]})
+                    breakdowns.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "wall_s": timing["wall_s"],
+                                       **timing["stage_busy_s"], **timing["startup_s"]})
         print_table(rows)
+        print_table(breakdowns)
+        ratios = {}
+        for key in ("ratio_job_to_model", "ratio_job_to_seed_loop"):
+            for pool, _, _ in pools:
+                found = [r[key] for r in rows if r["pool"] == pool and r["engine"] == "onnxruntime"]
+                ratios[f"{key}[{pool}]"] = [round(min(found), 3), round(max(found), 3)]
         if args.keras:
-            onnx, keras = rows
-            print(f"job on onnxruntime / seed-style Keras loop: {onnx['job_img_s'] / keras['seed_loop_img_s']:.2f}x "
-                  f"(goal >= 3); / ONNX Runtime model-only: {onnx['ratio_3_1']:.2f} (goal >= 0.9)")
+            keras_loop = [r["seed_loop_img_s"] for r in rows if r["engine"] == "keras"]
+            onnx_jobs = [r["job_img_s"] for r in rows if r["engine"] == "onnxruntime" and r["pool"] == "sized"]
+            ratios["ratio_job_to_keras_seed_loop"] = [round(min(onnx_jobs) / max(keras_loop), 3),
+                                                      round(max(onnx_jobs) / min(keras_loop), 3)]
+        print("ratios (min-max over repeats):", json.dumps(ratios))
         memory = []
         for files in (int(n) for n in args.memory_files.split(",") if n):
-            job = run_job(args, linked_archive(tmp / f"linked{files}", paths, files), model, "onnxruntime")
+            job = run_job(args, linked_archive(tmp / f"linked{files}", paths, files), model, "onnxruntime",
+                          args.actors, args.cpus_per_actor)
             memory.append({"files": files, "job_img_s": job["scored"] / job["seconds"], "job_s": job["seconds"],
                            "job_steady_img_s": job["steady_img_s"] or "-",
                            "peak_driver_pss_mb": job["driver_pss_mb"], "peak_total_pss_mb": job["tree_pss_mb"]})
@@ -210,8 +239,8 @@ def main() -> None:
                       "weights": "none, 1 epoch on phantoms, BN refreshed"},
             "settings": {"batch": args.batch, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                          "read_cpus": args.read_cpus},
-            "data": synth.SYNTHETIC_NOTE, "throughput": rows, "memory": memory, "memory_growth": growth,
-            "job_onnx_over_seed_keras": rows[0]["job_img_s"] / rows[1]["seed_loop_img_s"] if args.keras else None}))
+            "data": synth.SYNTHETIC_NOTE, "throughput": rows, "stage_breakdown": breakdowns, **ratios,
+            "memory": memory, "memory_growth": growth}))
 
 
 if __name__ == "__main__":
