@@ -36,7 +36,7 @@ from xray_ray.processes import command_line, process_tree
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 from xray_ray.scoring.run import ScoreOptions, read_predictions, score
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
