@@ -171,6 +171,7 @@ def repair(out: str | Path, read_in_full: str | Path | None = None) -> Repair:
             continue
         record(out, run, part, rows)
         done.rebuilt += 1
+        log.warning("%s: ledger file missing; rebuilt from %s", entry, part)
     return done
 
 
