@@ -29,7 +29,9 @@ from xray_ray.images.preprocess import decode_and_preprocess
 from xray_ray.scoring.ledger import row_key
 
 PROBABILITY_COLUMNS = {name: "prob_" + name.replace(" ", "_") for name in CLASS_NAMES}
-PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(),
+OOD_COLUMNS = ["ood_score", "out_of_distribution"]
+"""The model's out-of-distribution score and flag (a flagged row still has a predicted label)."""
+PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(), *OOD_COLUMNS,
                       "model_version", "engine", "scored_at", "status", "error_reason"]
 _PASSED_ON = ("path", "sha256", "size", "status", "error_reason")
 
@@ -94,18 +96,23 @@ def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16):
 class Scorer:
     """Packed batches -> prediction rows; subclasses say how probabilities are obtained."""
 
-    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, str, str]:
-        """(probabilities (N, 4) in CLASS_NAMES order, model version, engine) for float32 inputs."""
+    def predict(self, inputs: np.ndarray) -> dict:
+        """For float32 inputs: `probabilities` (N, 4) calibrated, in CLASS_NAMES order, `ood_score` (N,),
+        `out_of_distribution` (N,) bool, `model_version`, `engine`."""
         raise NotImplementedError
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
         ok = batch["status"] == "ok"
         probabilities = np.full((n, len(CLASS_NAMES)), np.nan)
+        ood_score, flagged = np.full(n, np.nan), np.zeros(n, bool)
         version, engine = self.describe()
         if ok.any():
-            probabilities[ok], version, engine = self.predict(unpack(batch["pixels"][ok]))
+            answer = self.predict(unpack(batch["pixels"][ok]))
+            probabilities[ok], ood_score[ok], flagged[ok] = (answer[key] for key in ("probabilities", *OOD_COLUMNS))
+            version, engine = answer["model_version"], answer["engine"]
         out = {key: batch[key] for key in _PASSED_ON}
+        out["ood_score"], out["out_of_distribution"] = ood_score, flagged
         labels = np.array(CLASS_NAMES, dtype=object)[np.nan_to_num(probabilities).argmax(axis=1)]
         out["predicted_label"] = np.where(ok, labels, "")
         for i, column in enumerate(PROBABILITY_COLUMNS.values()):
@@ -130,7 +137,9 @@ class ActorScorer(Scorer):
 
     def predict(self, inputs):
         answer = self.classifier.predict_arrays(inputs)
-        return answer.probabilities, answer.model_version, answer.engine
+        return {"probabilities": answer.probabilities, "ood_score": answer.ood_score,
+                "out_of_distribution": answer.out_of_distribution, "model_version": answer.model_version,
+                "engine": answer.engine}
 
     def describe(self):
         return self.classifier.version, self.classifier.engine
@@ -156,7 +165,7 @@ class ServeScorer(Scorer):
         answer = self.handle.score_arrays.remote(inputs).result()
         if list(answer["classes"]) != list(CLASS_NAMES):
             raise ValueError(f"the served model's classes {answer['classes']} are not {list(CLASS_NAMES)}")
-        return np.asarray(answer["probabilities"], dtype=np.float64), answer["model_version"], answer["engine"]
+        return {**answer, "probabilities": np.asarray(answer["probabilities"], dtype=np.float64)}
 
     def describe(self):
         return self.info["model_version"], self.info["engine"]
