@@ -141,7 +141,8 @@ def dicom_slices() -> list[np.ndarray]:
         if path is None:
             continue
         try:
-            image = decode(open(path, "rb").read())
+            with open(path, "rb") as file:
+                image = decode(file.read())
         except ImageDecodeError:
             continue
         slices += [image, image[:, ::-1], np.rot90(image), np.rot90(image, 2)]

@@ -8,7 +8,7 @@ from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
 
 from tests.helpers import phantom_batch
 from xray_ray.model_folder.classifier import Predictions
-from xray_ray.model_folder.ood import Gaussians, OodDetector, ledoit_wolf, input_signature
+from xray_ray.model_folder.ood import Gaussians, OodDetector, input_signature, ledoit_wolf
 
 
 def test_shrinkage_matches_scikit_learn_and_keeps_few_samples_invertible():
@@ -40,7 +40,7 @@ def _detector(tmp_path):
     rng = np.random.default_rng(2)
     train, labels = phantom_batch(12, seed=3, size=64)
     valid, _ = phantom_batch(6, seed=4, size=64)
-    features = lambda n: rng.normal(size=(n, 16))  # noqa: E731
+    features = lambda n: rng.normal(size=(n, 16))
     detector, details = OodDetector.fit(features(len(train)), labels.argmax(1), input_signature(train),
                                         features(len(valid)), input_signature(valid))
     detector.save(tmp_path / "ood.npz")

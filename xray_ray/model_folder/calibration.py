@@ -9,7 +9,9 @@ logits: `softmax(log p / T)` (temperature, one number) or `softmax(w * log p + b
 
 Both are fitted on the validation split by minimising the negative log-likelihood. Which
 one ships is decided by k-fold cross-validation on that split (held-out NLL): vector
-scaling has 2K parameters and over-fits a small validation set, temperature cannot.
+scaling has 2K parameters and over-fits a small validation set, temperature cannot, and
+when neither beats the raw probabilities on held-out folds, none ships (method `none`:
+the answer is the network's own probabilities, and the card says so).
 
 Only numpy and scipy: Serve replicas and scoring actors apply the result without
 TensorFlow. The figures (ECE, Brier score, NLL) are the ones the card records.
@@ -25,7 +27,7 @@ from scipy.special import log_softmax
 
 ECE_BINS = 15
 """Equal-width confidence bins of the expected calibration error (the usual choice in the literature)."""
-METHODS = ("temperature", "vector")
+METHODS = ("none", "temperature", "vector")
 FOLDS = 5
 _TINY = 1e-38  # float32's smallest normal: a probability that underflowed to 0 becomes log 1e-38, not -inf
 _VECTOR_L2 = 1e-3  # pulls vector scaling towards the identity (w = 1, b = 0) when the data say little
@@ -70,14 +72,14 @@ def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[s
 class Calibration:
     """A fitted rescaling of log-probabilities; `apply` maps raw probabilities to calibrated ones."""
 
-    method: str  # "temperature" or "vector"
+    method: str  # "none", "temperature" or "vector"
     temperature: float = 1.0
     weights: np.ndarray | None = None  # (K,) for vector scaling
     bias: np.ndarray | None = None
 
     def logits(self, probabilities: np.ndarray) -> np.ndarray:
         log_p = log_probabilities(probabilities)
-        if self.method == "temperature":
+        if self.method != "vector":
             return log_p / self.temperature
         return log_p * self.weights + self.bias
 
@@ -87,14 +89,16 @@ class Calibration:
 
     def as_dict(self) -> dict:
         """The parameters as the card stores them."""
-        if self.method == "temperature":
-            return {"method": "temperature", "temperature": self.temperature}
+        if self.method != "vector":
+            return {"method": self.method, "temperature": self.temperature}
         return {"method": "vector", "weights": self.weights.tolist(), "bias": self.bias.tolist()}
 
     @classmethod
     def from_dict(cls, section: dict) -> Calibration:
         """The calibration the card's `calibration` section describes; ValueError when malformed."""
         method = section.get("method")
+        if method == "none":
+            return cls("none")
         if method == "temperature":
             temperature = float(section["temperature"])
             if not np.isfinite(temperature) or temperature <= 0:
@@ -140,7 +144,8 @@ def fit_vector(probabilities: np.ndarray, labels: np.ndarray) -> Calibration:
     return Calibration("vector", weights=best.x[:k], bias=best.x[k:])
 
 
-FITTERS = {"temperature": fit_temperature, "vector": fit_vector}
+FITTERS = {"none": lambda probabilities, labels: Calibration("none"), "temperature": fit_temperature,
+           "vector": fit_vector}
 
 
 def cross_validated(probabilities: np.ndarray, labels: np.ndarray, folds: int = FOLDS, seed: int = 0) -> dict:
@@ -148,22 +153,22 @@ def cross_validated(probabilities: np.ndarray, labels: np.ndarray, folds: int = 
     n = len(labels)
     folds = max(2, min(folds, n))
     order = np.random.default_rng(seed).permutation(n)
-    held_out = {name: np.zeros_like(probabilities, dtype=np.float64) for name in METHODS}
+    held_out = {name: np.zeros_like(probabilities, dtype=np.float64) for name in METHODS[1:]}
     for fold in np.array_split(order, folds):
         rest = np.setdiff1d(order, fold)
-        for name in METHODS:
+        for name in METHODS[1:]:
             held_out[name][fold] = FITTERS[name](probabilities[rest], labels[rest]).apply(probabilities[fold])
     return {"folds": folds, "none": calibration_metrics(probabilities, labels),
-            **{name: calibration_metrics(held_out[name], labels) for name in METHODS}}
+            **{name: calibration_metrics(held_out[name], labels) for name in METHODS[1:]}}
 
 
 def choose_and_fit(probabilities: np.ndarray, labels: np.ndarray) -> tuple[Calibration, dict]:
-    """The method with the lower cross-validated NLL (temperature on a tie), refitted on the whole set,
-    and the cross-validation figures that decided it."""
+    """The method with the lowest cross-validated NLL (the simpler one on a tie: none, then temperature),
+    refitted on the whole set, and the cross-validation figures that decided it."""
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, int)
     if len(labels) < 2:
         raise ValueError(f"calibration needs at least 2 labelled images, got {len(labels)}")
     measured = cross_validated(probabilities, labels)
-    method = "vector" if measured["vector"]["nll"] < measured["temperature"]["nll"] else "temperature"
+    method = min(METHODS, key=lambda name: measured[name]["nll"])  # min keeps the first (simplest) on a tie
     return FITTERS[method](probabilities, labels), measured

@@ -72,11 +72,12 @@ def _calibration_section(folder: Path, calibration: Mapping, reliability: Mappin
              **{name.upper(): f"{value:.4f}" for name, value in calibration[split][when].items()}}
             for split in ("valid", "test") if split in calibration for when in ("before", "after")]
     method = calibration["method"]
-    fitted = (f"temperature T = {calibration['temperature']:.3f}" if method == "temperature"
-              else "vector scaling (one weight and bias per class)")
+    fitted = {"none": "no rescaling (neither temperature nor vector scaling beat the raw probabilities)",
+              "temperature": f"temperature T = {calibration.get('temperature', 1):.3f}",
+              "vector": "vector scaling (one weight and bias per class)"}[method]
     blocks = [
         Text(f"Confidence is calibrated with {fitted}, fitted on the validation split and chosen over the "
-             f"alternative by {calibration['chosen_by']}. ECE (expected calibration error) is the average gap "
+             f"alternatives by {calibration['chosen_by']}. ECE (expected calibration error) is the average gap "
              "between confidence and accuracy over 15 confidence bins; Brier score and NLL (negative "
              "log-likelihood) measure the whole probability vector; lower is better for all three. The test split "
              "played no part in the fit."),
