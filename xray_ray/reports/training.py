@@ -66,10 +66,13 @@ def write_training_report(folder: str | Path, *, title: str, evaluation: Evaluat
     return write_html(folder / "index.html", title, sections, note)
 
 
+METRIC_NAMES = {"ece": "ECE", "brier": "Brier score", "nll": "NLL"}
+
+
 def _calibration_section(folder: Path, calibration: Mapping, reliability: Mapping[str, list[dict]]) -> Section:
     """The calibration's figures before and after, per split, and the reliability diagram."""
     rows = [{"split": split, "when": when, "images": calibration[split]["images"],
-             **{name.upper(): f"{value:.4f}" for name, value in calibration[split][when].items()}}
+             **{METRIC_NAMES[name]: f"{value:.4f}" for name, value in calibration[split][when].items()}}
             for split in ("valid", "test") if split in calibration for when in ("before", "after")]
     method = calibration["method"]
     fitted = {"none": "no rescaling (neither temperature nor vector scaling beat the raw probabilities)",
