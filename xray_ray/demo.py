@@ -104,8 +104,9 @@ def ask_serve(url: str, files: list[Path]) -> list[dict]:
         answer = {"file": path.name, "status": response.status_code, **response.json()}
         answers.append(answer)
         if response.status_code == 200:
-            print(f"    {path.name}: {answer['label']} ({answer['confidence']:.2f}) from {answer['model_version']} "
-                  f"on {answer['engine']}")
+            marked = " [OUT OF DISTRIBUTION]" if answer.get("out_of_distribution") else ""
+            print(f"    {path.name}: {answer['label']} ({answer['confidence']:.2f}){marked} from "
+                  f"{answer['model_version']} on {answer['engine']}")
         else:
             print(f"    {path.name}: HTTP {response.status_code} {answer['error']}: {answer['reason']}")
     return answers
@@ -183,7 +184,7 @@ def summarize(out: Path, tune_reports: Path, answers: list[dict], seconds: dict,
         "test_accuracy": tuned["test_accuracy"], "model_version": tuned["model_version"],
         "archive": {k: scored.get(k) for k in ("scored", "errors", "per_class")},
         "archive_accuracy": (scored.get("ground_truth") or {}).get("accuracy"),
-        "serve_answers": [{k: a.get(k) for k in ("file", "status", "label", "confidence", "reason")} for a in answers],
+        "serve_answers": [{k: a.get(k) for k in ("file", "status", "label", "confidence", "out_of_distribution", "reason")} for a in answers],
         "seconds": seconds,
     }
     write_json(out / "demo_summary.json", summary)

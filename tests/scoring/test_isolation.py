@@ -97,7 +97,9 @@ class FlakyScorer(Scorer):
         self.calls += 1
         if self.calls <= self.failures:
             raise RuntimeError("CUDA error: device lost")
-        return np.full((len(inputs), len(CLASS_NAMES)), 0.25), "v1", "fake"
+        n = len(inputs)
+        return {"probabilities": np.full((n, len(CLASS_NAMES)), 0.25), "ood_score": np.zeros(n),
+                "out_of_distribution": np.zeros(n, bool), "model_version": "v1", "engine": "fake"}
 
     def describe(self):
         return "v1", "fake"
@@ -203,7 +205,7 @@ def _prediction_rows(paths: list[str], version: str = "v1", codes: list[str] | N
     frame = pd.DataFrame({"path": paths, "sha256": hashes, "size": 10,
                           "predicted_label": "Normal", "model_version": version, "engine": "fake",
                           "scored_at": pd.Timestamp.now(), "status": ["error" if c else "ok" for c in codes],
-                          "error_code": codes, "error_reason": codes})
+                          "error_code": codes, "error_reason": codes, "ood_score": 0.0, "out_of_distribution": False})
     for column in pipeline.PROBABILITY_COLUMNS.values():
         frame[column] = 0.25
     return frame[PREDICTION_COLUMNS]

@@ -62,10 +62,11 @@ def sample_images(phantom_root: Path, count: int = 8) -> list[bytes]:
 
 def assert_answers_match(answers: list[dict], images: list[bytes], reference: Classifier) -> None:
     expected = reference.predict(images)
-    for answer, data, probabilities, label in zip(answers, images, expected.probabilities, expected.labels):
+    for answer, data, probabilities, label, flagged in zip(answers, images, expected.probabilities, expected.labels,
+                                                           expected.out_of_distribution):
         got = np.array([answer["probabilities"][c] for c in reference.classes])
         np.testing.assert_allclose(got, probabilities, atol=1e-5)
-        assert answer["label"] == label
+        assert answer["label"] == label and answer["out_of_distribution"] == bool(flagged)  # flagged, still answered
         assert answer["sha256"] == sha256_hex(data)
         assert (answer["model_version"], answer["engine"]) == (reference.version, reference.engine)
 
@@ -365,6 +366,8 @@ def test_scoring_through_serve_gives_the_actor_backends_predictions(served, comp
     np.testing.assert_allclose(served_rows[probability_columns].to_numpy(float),
                                actors[probability_columns].to_numpy(float), atol=1e-5)
     assert set(served_rows["model_version"]) == set(actors["model_version"])
+    np.testing.assert_allclose(served_rows["ood_score"].to_numpy(float), actors["ood_score"].to_numpy(float), rtol=1e-4)
+    assert list(served_rows["out_of_distribution"]) == list(actors["out_of_distribution"])
 
 
 def readme_curl_commands() -> list[str]:

@@ -21,6 +21,7 @@ from xray_ray.files import atomic_write_text, sha256_file
 MODEL_FILE = "model.keras"
 ONNX_FILE = "model.onnx"
 HEAD_FILE = "head.npz"
+OOD_FILE = "ood.npz"
 CARD_FILE = "model_card.json"
 ENGINES = ("auto", "onnxruntime", "keras")
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024

@@ -9,6 +9,10 @@ Two engines run the same exported model: ONNX Runtime (`model.onnx`, the default
 the card marks it usable and its sha256 matches) and Keras (`model.keras`). With ONNX
 Runtime this module never imports TensorFlow or Keras, which saves seconds of start-up
 and gigabytes per serving or scoring process.
+
+Every answer carries calibrated probabilities (the card's `calibration`, fitted at export;
+the raw ones stay in `raw_probabilities`) and an out-of-distribution score with its flag
+(`ood.npz` and the card's `ood` threshold), both computed from the same forward pass.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import numpy as np
 
 from xray_ray.images.decode import ImageDecodeError, decode, read_image
 from xray_ray.images.preprocess import preprocess
-from xray_ray.model_folder.card import HEAD_FILE, EngineUnavailableError, ModelCard
+from xray_ray.model_folder.calibration import Calibration
+from xray_ray.model_folder.card import HEAD_FILE, OOD_FILE, EngineUnavailableError, ModelCard
 from xray_ray.model_folder.engines import onnx_session, setup_tensorflow
 from xray_ray.model_folder.graph import OUTPUTS, inference_model, load_head
+from xray_ray.model_folder.ood import OodDetector
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +40,29 @@ Runner = Callable[[np.ndarray, Sequence[str]], list[np.ndarray]]
 
 @dataclass
 class Predictions:
-    """Per-class probabilities for a batch, with what produced them."""
+    """Per-class probabilities for a batch, with what produced them and how far from the training data each image is.
 
-    probabilities: np.ndarray  # (N, classes), rows sum to 1
+    `probabilities` are calibrated when the model folder has a calibration (else equal to
+    `raw_probabilities`). `ood_score` is NaN and `out_of_distribution` False for a model
+    exported without a detector.
+    """
+
+    probabilities: np.ndarray  # (N, classes), calibrated, rows sum to 1
     classes: list[str]
     model_version: str
     engine: str
+    raw_probabilities: np.ndarray | None = None  # (N, classes) as the network answered; None means the same
+    ood_score: np.ndarray | None = None  # (N,); above the card's threshold means out of distribution
+    out_of_distribution: np.ndarray | None = None  # (N,) bool
+
+    def __post_init__(self):
+        n = len(self.probabilities)
+        if self.raw_probabilities is None:
+            self.raw_probabilities = self.probabilities
+        if self.ood_score is None:
+            self.ood_score = np.full(n, np.nan)
+        if self.out_of_distribution is None:
+            self.out_of_distribution = np.zeros(n, bool)
 
     @property
     def labels(self) -> list[str]:
@@ -50,12 +73,15 @@ class Predictions:
         return self.probabilities.max(axis=1)
 
     def rows(self) -> list[dict]:
-        """One JSON-ready answer per image."""
+        """One JSON-ready answer per image: calibrated `confidence`, the network's own `raw_confidence`,
+        and the out-of-distribution score and flag (a flagged image still gets a class)."""
         return [
-            {"label": label, "confidence": float(p.max()),
+            {"label": label, "confidence": float(p.max()), "raw_confidence": float(raw.max()),
              "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+             "ood_score": float(score) if np.isfinite(score) else None, "out_of_distribution": bool(flag),
              "model_version": self.model_version, "engine": self.engine}
-            for label, p in zip(self.labels, self.probabilities)
+            for label, p, raw, score, flag in zip(self.labels, self.probabilities, self.raw_probabilities,
+                                                  self.ood_score, self.out_of_distribution)
         ]
 
 
@@ -76,6 +102,10 @@ class Classifier:
         self.provider: str | None = None
         self.threads: int | None = None
         self._head: dict[str, np.ndarray] | None = None
+        section = self.card.get("calibration")
+        self.calibration = Calibration.from_dict(section) if section else None
+        self.ood_threshold: float | None = self.card["ood"]["threshold"] if self.card.get("ood") else None
+        self.detector = OodDetector.load(self.card.verified_file(OOD_FILE)) if self.ood_threshold is not None else None
         chosen, path, reason = self.card.choose_engine(engine)
         self._run = None
         if chosen == "onnxruntime":
@@ -154,22 +184,28 @@ class Classifier:
         return preprocess(image, self.image_size)
 
     def predict_arrays(self, batch: np.ndarray) -> Predictions:
-        """Predict already-preprocessed inputs of shape (N, size, size, 3)."""
+        """Predict already-preprocessed inputs of shape (N, size, size, 3): calibrated probabilities, raw ones,
+        and the out-of-distribution score and flag, from one forward pass."""
         batch = self._checked(batch)
         if not len(batch):
-            return Predictions(np.zeros((0, len(self.classes))), self.classes, self.version, self.engine)
-        probabilities = np.asarray(self.forward(batch)["probabilities"], dtype=np.float64)
-        return Predictions(probabilities, self.classes, self.version, self.engine)
+            empty = np.zeros((0, len(self.classes)))
+            return Predictions(empty, self.classes, self.version, self.engine)
+        outputs = self.forward(batch, ("probabilities", "features") if self.detector else ("probabilities",))
+        raw = np.asarray(outputs["probabilities"], dtype=np.float64)
+        calibrated = self.calibration.apply(raw) if self.calibration else raw
+        if self.detector is None:
+            return Predictions(calibrated, self.classes, self.version, self.engine, raw)
+        score = self.detector.score(outputs["features"], batch)
+        return Predictions(calibrated, self.classes, self.version, self.engine, raw, score, score > self.ood_threshold)
 
     def predict(self, images: Sequence[ImageInput]) -> Predictions:
         """Predict raw file bytes or decoded arrays; raises ImageDecodeError for an unusable one."""
         return self.predict_arrays(np.stack([self.prepare(image) for image in images]) if len(images) else
                                    np.zeros((0, self.image_size, self.image_size, 3), np.float32))
 
-    def predict_files(self, paths: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
-        """Probabilities for files (NaN rows where unusable) and the error reason per file ('' when fine)."""
-        probabilities = np.full((len(paths), len(self.classes)), np.nan)
-        errors = [""] * len(paths)
+    def prepared_batches(self, paths: Sequence[str], errors: list[str], batch_size: int = 32):
+        """Yield (indices into `paths`, model inputs) per batch of usable files; an unusable file's reason goes
+        into `errors` at its index instead."""
         for start in range(0, len(paths), batch_size):
             good, inputs = [], []
             for i in range(start, min(start + batch_size, len(paths))):
@@ -179,5 +215,12 @@ class Classifier:
                 except ImageDecodeError as err:
                     errors[i] = err.reason
             if inputs:
-                probabilities[good] = self.predict_arrays(np.stack(inputs)).probabilities
+                yield good, np.stack(inputs)
+
+    def predict_files(self, paths: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
+        """Calibrated probabilities for files (NaN rows where unusable) and the error reason per file ('' when fine)."""
+        probabilities = np.full((len(paths), len(self.classes)), np.nan)
+        errors = [""] * len(paths)
+        for good, inputs in self.prepared_batches(paths, errors, batch_size):
+            probabilities[good] = self.predict_arrays(inputs).probabilities
         return probabilities, errors

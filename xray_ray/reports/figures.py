@@ -135,3 +135,30 @@ def plot_curves(path: str | Path, curves: Mapping[str, list[float]], title: str,
         ax.set_xlim(0.5, max(len(ys) for ys in curves.values()) + 0.5)
         fig.legend(loc="outside right upper", fontsize=8, ncols=1 + len(curves) // 16)
     return _save(fig, path)
+
+
+def plot_reliability(path: str | Path, diagrams: Mapping[str, list[dict]], title: str) -> Path:
+    """Reliability diagrams side by side (e.g. before and after calibration): accuracy against confidence per bin.
+
+    Each diagram is a list of bins {low, high, confidence, accuracy, images}; a bar reaching
+    the diagonal means answers given with that confidence were right that often.
+    """
+    fig = Figure(figsize=(4.2 * max(1, len(diagrams)), 4.4), layout="constrained")
+    fig.suptitle(title)
+    for ax, (name, bins) in zip(fig.subplots(1, max(1, len(diagrams)), squeeze=False).flat, diagrams.items()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        if bins:
+            lows = np.array([b["low"] for b in bins])
+            widths = np.array([b["high"] - b["low"] for b in bins])
+            ax.bar(lows, [b["accuracy"] for b in bins], width=widths, align="edge", color="tab:blue",
+                   edgecolor="white", alpha=0.8, label="accuracy in bin")
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:red",
+                    markersize=4, label="mean confidence in bin")
+            for b in bins:
+                ax.text(b["low"] + (b["high"] - b["low"]) / 2, 0.02, str(b["images"]), ha="center", fontsize=7,
+                        color="white" if b["accuracy"] > 0.1 else "black")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (probability of the answer)", ylabel="accuracy",
+               title=name)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -38,7 +38,9 @@ from xray_ray.scoring.ledger import MODEL_FAILED, row_key
 log = logging.getLogger(__name__)
 
 PROBABILITY_COLUMNS = {name: "prob_" + name.replace(" ", "_") for name in CLASS_NAMES}
-PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(),
+OOD_COLUMNS = ["ood_score", "out_of_distribution"]
+"""The model's out-of-distribution score and flag (a flagged row still has a predicted label)."""
+PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(), *OOD_COLUMNS,
                       "model_version", "engine", "scored_at", "status", "error_code", "error_reason"]
 _PASSED_ON = ("path", "sha256", "size", "status", "error_code", "error_reason")
 TIMING_PREFIX = "t_"
@@ -146,8 +148,9 @@ class Scorer:
 
     load_seconds = 0.0
 
-    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, str, str]:
-        """(probabilities (N, 4) in CLASS_NAMES order, model version, engine) for float32 inputs."""
+    def predict(self, inputs: np.ndarray) -> dict:
+        """For float32 inputs: `probabilities` (N, 4) calibrated, in CLASS_NAMES order, `ood_score` (N,),
+        `out_of_distribution` (N,) bool, `model_version`, `engine`."""
         raise NotImplementedError
 
     def _predict_with_retry(self, inputs: np.ndarray):
@@ -168,16 +171,20 @@ class Scorer:
         out["size"] = batch["size"]
         ok = out["status"] == "ok"
         probabilities = np.full((n, len(CLASS_NAMES)), np.nan)
+        ood_score, flagged = np.full(n, np.nan), np.zeros(n, bool)
         version, engine = self.describe()
         if ok.any():
             try:
-                probabilities[ok], version, engine = self._predict_with_retry(unpack(batch["pixels"][ok]))
+                answer = self._predict_with_retry(unpack(batch["pixels"][ok]))
+                probabilities[ok], ood_score[ok], flagged[ok] = (answer[key] for key in ("probabilities", *OOD_COLUMNS))
+                version, engine = answer["model_version"], answer["engine"]
             except Exception as exc:  # noqa: BLE001 - the batch's files become error rows, the run goes on
                 _, reason = failure(exc)
                 log.error("model call for %d images failed twice (%s); they become error rows", ok.sum(), reason)
                 out["status"][ok], out["error_code"][ok] = "error", MODEL_FAILED
                 out["error_reason"][ok] = f"the model failed on this batch twice ({reason})"
                 ok[:] = False
+        out["ood_score"], out["out_of_distribution"] = ood_score, flagged
         labels = np.array(CLASS_NAMES, dtype=object)[np.nan_to_num(probabilities).argmax(axis=1)]
         out["predicted_label"] = np.where(ok, labels, "")
         for i, column in enumerate(PROBABILITY_COLUMNS.values()):
@@ -208,7 +215,9 @@ class ActorScorer(Scorer):
 
     def predict(self, inputs):
         answer = self.classifier.predict_arrays(inputs)
-        return answer.probabilities, answer.model_version, answer.engine
+        return {"probabilities": answer.probabilities, "ood_score": answer.ood_score,
+                "out_of_distribution": answer.out_of_distribution, "model_version": answer.model_version,
+                "engine": answer.engine}
 
     def describe(self):
         return self.classifier.version, self.classifier.engine
@@ -234,7 +243,7 @@ class ServeScorer(Scorer):
         answer = self.handle.score_arrays.remote(inputs).result()
         if list(answer["classes"]) != list(CLASS_NAMES):
             raise ValueError(f"the served model's classes {answer['classes']} are not {list(CLASS_NAMES)}")
-        return np.asarray(answer["probabilities"], dtype=np.float64), answer["model_version"], answer["engine"]
+        return {**answer, "probabilities": np.asarray(answer["probabilities"], dtype=np.float64)}
 
     def describe(self):
         return self.info["model_version"], self.info["engine"]

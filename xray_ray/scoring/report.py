@@ -28,6 +28,8 @@ from xray_ray.reports.tables import (
 from xray_ray.scoring.archive import class_folder_label, is_synthetic
 from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
 
+FLAGGED_CSV = "out_of_distribution.csv"
+
 CLASS_CSV = {name: f"files_{name.replace(' ', '_')}.csv" for name in CLASS_NAMES}
 
 
@@ -81,7 +83,10 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     """Write `<folder>/report/` for the run's rows; returns the summary (also summary.json)."""
     report = Path(folder) / "report"
     frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
-    ok, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    ok, flagged = split_flagged(scored)
+    flagged_rows = flagged_listing(flagged, roots)
+    write_csv(report / FLAGGED_CSV, flagged_rows)
     listing = _listing(ok, roots)
     for name, file in CLASS_CSV.items():
         write_csv(report / file, listing[ok["predicted_label"].to_numpy() == name]
@@ -107,24 +112,44 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
         write_classification_report(report, evaluation)
         plot_confusion_matrix(report / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
                                       f"True against predicted class ({evaluation.n} images)")
+    flagged_truth = true_labels(flagged["path"], roots, labels).dropna()
+    flagged_right = (flagged_truth == flagged.loc[flagged_truth.index, "predicted_label"]).sum()
     synthetic = is_synthetic(roots)
     summary = {
         "run": state["run"], "model_version": state["model_version"],
         "engines": sorted(frame["engine"].dropna().unique().tolist()) or [state["engine"]],
         "archives": state["archives"], "synthetic_data": synthetic, "started_at": state["started_at"],
-        "finished_at": state.get("finished_at"), "files": len(frame), "scored": len(ok), "errors": len(errors),
+        "finished_at": state.get("finished_at"), "files": len(frame), "scored": len(scored), "errors": len(errors),
+        "out_of_distribution": len(flagged), "in_distribution": len(ok),
         "found_this_time": state.get("found"), "scored_this_time": state.get("scored_now"),
         "skipped_already_scored": state.get("skipped_already_scored"),
         "per_class": {row["Predicted class"]: row["Images"] for row in counts},
         "review_threshold": threshold, "below_threshold": int((ok["confidence"] < threshold).sum()), "top_n": top_n,
         "error_codes": {str(k): int(v) for k, v in errors["error_code"].value_counts().sort_index().items()},
         "error_reasons": {str(k): int(v) for k, v in errors["error_reason"].value_counts().items()},
+        "out_of_distribution_with_known_class": {"images": len(flagged_truth), "correct": int(flagged_right)},
         "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
                                                          "class folders", **evaluation.as_dict()},
     }
     write_json(report / "summary.json", summary)
-    _write_page(report, summary, counts, review_rows, error_rows, evaluation)
+    _write_page(report, summary, counts, review_rows, error_rows, evaluation, flagged_rows)
     return summary
+
+
+def split_flagged(scored: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(in-distribution rows, out-of-distribution rows): flagged rows stay out of counts, figures and accuracy.
+    Rows written before the flag existed count as not flagged."""
+    if "out_of_distribution" not in scored:
+        scored = scored.assign(ood_score=float("nan"), out_of_distribution=False)
+    flag = scored["out_of_distribution"].fillna(False).astype(bool)
+    return scored[~flag], scored[flag]
+
+
+def flagged_listing(flagged: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
+    """Flagged files, most unusual first: file, OOD score, and the class the model would have given."""
+    rows = _listing(flagged, roots).assign(ood_score=flagged["ood_score"].round(3).to_numpy())
+    rows = rows[["file", "ood_score", *[c for c in rows.columns if c not in ("file", "ood_score")]]]
+    return rows.sort_values("ood_score", ascending=False)
 
 
 def _accuracy_section(evaluation, source: str) -> Section:
@@ -154,8 +179,21 @@ def _review_blocks(review_rows: pd.DataFrame, threshold: float, top_n: int) -> l
     ]
 
 
+def _flagged_section(flagged_rows: pd.DataFrame, known: dict) -> Section:
+    return Section("Not like the training images (out of distribution): check these first", [
+        Text("The model's out-of-distribution check says these images are unlike the chest X-rays it was trained "
+             "on: perhaps not a frontal chest film at all (a lateral view, another body part, a scanned form, a "
+             "photograph, a blank image), or a chest film from an unusual source. Their class is shown but should "
+             "not be trusted; they are left out of every count, figure and accuracy below. Most unusual first."),
+        Table(flagged_rows[["file", "ood_score", "predicted class", "confidence"]], max_rows=50,
+              full_file=FLAGGED_CSV) if len(flagged_rows) else Text("None: every scored image passed the check."),
+        *([Text(f"Of the {known['images']} flagged images whose true class is known, the model's class was right "
+                f"for {known['correct']}; this is not part of the accuracy below.")] if known["images"] else []),
+    ])
+
+
 def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd.DataFrame,
-                error_rows: pd.DataFrame, evaluation) -> Path:
+                error_rows: pd.DataFrame, evaluation, flagged_rows: pd.DataFrame) -> Path:
     """index.html: every figure of the summary, each explained in plain words."""
     threshold, top_n = summary["review_threshold"], summary["top_n"]
     notes = ["The model's answers help decide which images to look at first; they are not a diagnosis."]
@@ -165,7 +203,8 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
     skipped = summary["skipped_already_scored"] or 0
     sections = [
         Section("Summary", [
-            Metrics({"Images scored": summary["scored"], "Could not be read": summary["errors"],
+            Metrics({"Images scored": summary["scored"], "Out of distribution": summary["out_of_distribution"],
+                     "Could not be read": summary["errors"],
                      f"Unsure (confidence below {threshold:.2f})": summary["below_threshold"],
                      **({"Accuracy (known classes)": f"{evaluation.accuracy:.1%}"} if evaluation else {})}),
             Text(f"The model {summary['model_version']} (engine: {', '.join(summary['engines'])}) gave an answer "
@@ -174,11 +213,13 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
                  + (f" {skipped} files had already been scored by this model version in an earlier run and were "
                     "not scored again." if skipped else "")),
         ]),
+        _flagged_section(flagged_rows, summary["out_of_distribution_with_known_class"]),
         Section("What the model found", [
             Table(counts),
-            Text("Each image is put in the class the model finds most likely. Confidence is the probability the "
-                 "model gives that class: 0.25 means it could be any of the four classes, 1.00 that the model is "
-                 "certain. It is the model's own estimate, not a measured accuracy."),
+            Text("Each image is put in the class the model finds most likely (images flagged out of distribution "
+                 "are not counted here). Confidence is the calibrated probability of that class: on held-out images "
+                 "like the training data, answers given with confidence 0.8 were right about 80 % of the time. It "
+                 "is measured on the model's validation images, so it holds only for images like them."),
         ]),
         Section("How sure the model was", [
             Image("confidence_by_class.png", "Histograms of the model's confidence, one per predicted class",
@@ -203,7 +244,8 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
         ]),
         Section("Lists to download", [Links({
             **{f"Images predicted {name} (CSV)": file for name, file in CLASS_CSV.items()},
-            "Images to review (CSV)": "review.csv", "Files that could not be read (CSV)": "errors.csv",
+            "Images to review (CSV)": "review.csv", "Out-of-distribution images (CSV)": FLAGGED_CSV,
+            "Files that could not be read (CSV)": "errors.csv",
             "Counts per class (CSV)": "counts.csv", "Everything above, for programs (JSON)": "summary.json"})]),
         Section("About this run", [KeyValues({
             "Run": summary["run"], "Model version": summary["model_version"],

@@ -27,7 +27,7 @@ from ray import serve
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
 from xray_ray.files import sha256_hex
 from xray_ray.images.decode import ImageDecodeError
-from xray_ray.model_folder.classifier import Classifier, Predictions
+from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import process_footprint, sigterm_as_interrupt
 from xray_ray.ray_runtime import ensure_ray
 from xray_ray.serving.http import ApiError, uploaded_files
@@ -70,11 +70,11 @@ class XrayClassifier:
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Requests that arrive together share one forward pass (sizes kept for /stats)."""
+    async def infer(self, images: list[np.ndarray]) -> list[dict]:
+        """Requests that arrive together share one forward pass (sizes kept for /stats); one answer row each."""
         self.batch_sizes[len(images)] += 1
         predictions = await asyncio.to_thread(self.classifier.predict_arrays, np.stack(images))
-        return list(predictions.probabilities)
+        return predictions.rows()
 
     async def _answer(self, data: bytes) -> dict:
         """The JSON answer for one image's bytes; ApiError when they cannot be used."""
@@ -84,9 +84,7 @@ class XrayClassifier:
             image = await asyncio.to_thread(self.classifier.prepare, data)
         except ImageDecodeError as err:
             raise ApiError(422, "unusable_image", err.reason) from err
-        probabilities = await self.infer(image)
-        (answer,) = Predictions(probabilities[np.newaxis], self.classifier.classes, self.classifier.version,
-                                self.classifier.engine).rows()
+        answer = await self.infer(image)  # Predictions.rows(): calibrated confidence and the OOD flag
         return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
 
     @api.post("/predict")
@@ -140,9 +138,11 @@ class XrayClassifier:
         return self.classifier.describe()
 
     def score_arrays(self, batch: np.ndarray) -> dict:
-        """Probabilities for an already-preprocessed batch (the scoring job's serve backend)."""
+        """Calibrated probabilities and the OOD score and flag for an already-preprocessed batch (the scoring
+        job's serve backend)."""
         predictions = self.classifier.predict_arrays(batch)
         return {"probabilities": predictions.probabilities, "classes": predictions.classes,
+                "ood_score": predictions.ood_score, "out_of_distribution": predictions.out_of_distribution,
                 "model_version": predictions.model_version, "engine": predictions.engine}
 
 

@@ -20,10 +20,12 @@ import pandas as pd
 from xray_ray.config import Config, config_to_dict, with_overrides
 from xray_ray.images.index import fingerprint
 from xray_ray.images.synth import SYNTHETIC_NOTE
+from xray_ray.model_folder.calibration import reliability_bins
 from xray_ray.model_folder.card import MODEL_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.engines import setup_tensorflow
 from xray_ray.model_folder.export import build_card, export_model
+from xray_ray.model_folder.reliability import fit_reliability
 from xray_ray.reports.metrics import evaluate_files
 from xray_ray.reports.training import write_training_report
 from xray_ray.training import data
@@ -226,7 +228,8 @@ def result_from_checkpoint(folder: str | Path, training: TrainingData, config: C
 def export_and_evaluate(result: TrainResult, training: TrainingData, frame: pd.DataFrame, config: Config,
                         out: str | Path, report_dir: str | Path, overwrite: bool = False,
                         card_extra: dict | None = None) -> dict:
-    """Export the model folder, evaluate the export on valid and test, write the training report."""
+    """Export the model folder, fit its calibration (valid) and OOD detector (train, threshold on valid),
+    evaluate the export on valid and test, write the training report."""
     out = Path(out)
     synthetic = bool(frame.attrs.get("synthetic", False))
     card = build_card(
@@ -239,13 +242,18 @@ def export_and_evaluate(result: TrainResult, training: TrainingData, frame: pd.D
         extra=card_extra,
     )
     export_model(result.model, out, card, overwrite=overwrite)
+    fitted = fit_reliability(out, training.split.part("train"), training.split.part("valid"), training.split.part("test"))
     classifier = Classifier(out)
+    test = fitted["test"]
+    reliability = {"before calibration": reliability_bins(test.raw, test.labels),
+                   "after calibration": reliability_bins(classifier.calibration.apply(test.raw), test.labels)}
     evaluations = {part: evaluate_files(classifier, training.split.part(part)) for part in ("valid", "test")}
     card = ModelCard.read(out).update(metrics={part: e.as_dict() for part, e in evaluations.items()}).data
     page = write_training_report(
         Path(report_dir), title=f"Training report: {card['name']} ({config.model.backbone})",
         evaluation=evaluations["test"], epochs=result.epochs, best_epoch=result.best_epoch,
         config=config_to_dict(config), note=SYNTHETIC_NOTE if synthetic else None,
+        calibration=card["calibration"], reliability=reliability, ood=card["ood"],
         extra={"model version": card["version"], "model folder": str(out), "backbone": config.model.backbone,
                "valid accuracy": f"{evaluations['valid'].accuracy:.3f}", **card["training"]},
     )

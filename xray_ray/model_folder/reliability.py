@@ -1,0 +1,92 @@
+"""Fit an exported model's calibration and out-of-distribution detector, and record both in its card.
+
+Runs once at export (training.run.export_and_evaluate), on the exported folder itself, so
+what is fitted is what ships: the raw probabilities and pooled features come from the
+folder's own engine (ONNX Runtime when usable). The calibration is fitted on the
+validation split and measured on valid and test; the detector's Gaussians on the
+training split, its threshold at `OOD_PERCENTILE` of the validation scores. The
+detector's arrays go to `ood.npz` (its digest in the card's `files`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xray_ray.files import atomic_path, sha256_file
+from xray_ray.model_folder.calibration import calibration_metrics, choose_and_fit
+from xray_ray.model_folder.card import OOD_FILE, ModelCard
+from xray_ray.model_folder.classifier import Classifier
+from xray_ray.model_folder.ood import SCALE_PERCENTILE, OodDetector, input_signature
+
+OOD_PERCENTILE = 95.0
+"""The validation-score percentile the out-of-distribution threshold is set at."""
+OOD_METHOD = ("max of two Gaussian views, each a squared Mahalanobis distance (Ledoit-Wolf shrunk covariance) scaled "
+              f"to 0 at the validation median and 1 at the validation {SCALE_PERCENTILE:g}th percentile: pooled "
+              "backbone features (class means, tied covariance; nearest class) and a signature of the input (8x8 thumbnail and 11 image statistics, standardised)")
+
+
+@dataclass
+class SplitOutputs:
+    """The exported model's raw answers on one labelled split (usable files only)."""
+
+    raw: np.ndarray  # (N, K) probabilities before calibration
+    features: np.ndarray  # (N, D) pooled backbone features
+    signatures: np.ndarray  # (N, 75) input signatures
+    labels: np.ndarray  # (N,) class indices
+
+
+def collect(classifier: Classifier, frame: pd.DataFrame, batch_size: int = 32) -> SplitOutputs:
+    """Run the exported graph once over the files of `frame` (path, label)."""
+    paths = list(frame["path"])
+    errors = [""] * len(paths)
+    raw, features, signatures, used = [], [], [], []
+    for good, inputs in classifier.prepared_batches(paths, errors, batch_size):
+        outputs = classifier.forward(inputs, ("probabilities", "features"))
+        raw.append(np.asarray(outputs["probabilities"], np.float64))
+        features.append(np.asarray(outputs["features"], np.float64))
+        signatures.append(input_signature(inputs))
+        used.extend(good)
+    if not used:
+        raise ValueError("no usable image in the split: nothing to fit calibration or the OOD detector on")
+    labels = np.array([classifier.classes.index(label) for label in frame["label"].iloc[used]])
+    return SplitOutputs(np.concatenate(raw), np.concatenate(features), np.concatenate(signatures), labels)
+
+
+def before_after(calibration, split: SplitOutputs) -> dict:
+    return {"images": len(split.labels), "before": calibration_metrics(split.raw, split.labels),
+            "after": calibration_metrics(calibration.apply(split.raw), split.labels)}
+
+
+def fit_reliability(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame,
+                    percentile: float = OOD_PERCENTILE) -> dict[str, SplitOutputs]:
+    """Fit both on the exported `folder`, write `ood.npz` and the card's `calibration` and `ood` sections.
+
+    Returns the raw outputs per split (for the report's reliability diagram).
+    """
+    folder = Path(folder)
+    classifier = Classifier(folder)
+    parts = {"train": collect(classifier, train), "valid": collect(classifier, valid), "test": collect(classifier, test)}
+    valid_part, test_part = parts["valid"], parts["test"]
+    calibration, measured = choose_and_fit(valid_part.raw, valid_part.labels)
+    section = {**calibration.as_dict(), "fitted_on": "valid", "chosen_by": "5-fold cross-validated NLL on valid",
+               "cross_validation": measured, "valid": before_after(calibration, valid_part),
+               "test": before_after(calibration, test_part)}
+    train_part = parts["train"]
+    detector, details = OodDetector.fit(train_part.features, train_part.labels, train_part.signatures,
+                                        valid_part.features, valid_part.signatures)
+    valid_scores = detector.score_views(valid_part.features, valid_part.signatures)
+    threshold = float(np.percentile(valid_scores, percentile))
+    ood = {"method": OOD_METHOD, "fitted_on": "train", "train_images": len(train_part.labels),
+           "percentile": percentile, "threshold": threshold, "threshold_from": "valid",
+           "valid_flag_rate": float((valid_scores > threshold).mean()), **details}
+    ood["test_flag_rate"] = float((detector.score_views(test_part.features, test_part.signatures) > threshold).mean())
+    with atomic_path(folder / OOD_FILE) as tmp:
+        detector.save(tmp)
+    card = ModelCard.read(folder)
+    files = {**card.get("files", {}), OOD_FILE: {"sha256": sha256_file(folder / OOD_FILE)}}
+    card.update(calibration=section, ood=ood, files=files)
+    return parts
