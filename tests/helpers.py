@@ -9,7 +9,7 @@ import numpy as np
 
 from xray_ray.config import CLASS_NAMES, load_config
 from xray_ray.images.preprocess import preprocess
-from xray_ray.images.synth import phantom
+from xray_ray.images.synth import phantom, phantom_with_region
 
 
 @dataclass
@@ -32,13 +32,14 @@ def phantom_batch(per_class: int, seed: int, size: int, side: int = 96) -> tuple
 
 
 def train_and_export(folder: Path, size: int, backbone: str = "efficientnetb1", epochs: int = 1,
-                     per_class: int = 4, seed: int = 21) -> Exported:
+                     per_class: int = 4, seed: int = 21, config_file: Path | None = None) -> Exported:
     """A model from scratch, briefly trained on phantoms (so its answers vary), BatchNorm statistics
-    refreshed, exported with `model.onnx`: the quickest real model folder."""
+    refreshed, exported with `model.onnx`: the quickest real model folder. `config_file` gives the
+    other settings (e.g. configs/compact_cpu.yaml, whose head penalties let the compact CNN learn)."""
     from xray_ray.model_folder.export import build_card, export_model
     from xray_ray.training.network import build_model, refresh_batchnorm
 
-    config = load_config(None, [f"data.image_size={size}", f"model.backbone={backbone}", "model.weights=none",
+    config = load_config(config_file, [f"data.image_size={size}", f"model.backbone={backbone}", "model.weights=none",
                                 "model.bn_momentum=0.9", f"lra.epochs={epochs}"])
     model = build_model(config.model, size, seed=5)
     x, y = phantom_batch(per_class, seed=seed, size=size)
@@ -47,3 +48,26 @@ def train_and_export(folder: Path, size: int, backbone: str = "efficientnetb1", 
     card = build_card(folder.name, config, training={"epochs_run": epochs, "train_images": len(x)},
                       index_fingerprint="test", split_counts={}, synthetic=True)
     return Exported(model, folder, export_model(model, folder, card))
+
+
+def pointing_game(classifier, count: int, seed: int, side: int = 96) -> dict:
+    """Grad-CAM's pointing game on `count` fresh Lung_Opacity phantoms drawn at `side` px: of those the model
+    classifies correctly, the share whose heat-map peak lies inside the consolidation; chance is the
+    consolidation's mean share of the image (where a uniformly random point would land)."""
+    from PIL import Image
+
+    from xray_ray.model_folder.gradcam import explain
+
+    size = classifier.image_size
+    images, regions = [], []
+    for i in range(count):
+        image, region = phantom_with_region("Lung_Opacity", side, np.random.default_rng([seed, i]))
+        images.append(preprocess(image, size))
+        resized = Image.fromarray(region.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+        regions.append(np.asarray(resized) >= 0.5)  # the region at the model input's resolution
+    result = explain(classifier, np.stack(images))
+    correct = [i for i, label in enumerate(result.predictions.labels) if label == "Lung_Opacity"]
+    hits = [bool(regions[i][result.peaks()[i]]) for i in correct]
+    return {"images": count, "correct": len(correct), "hits": sum(hits), "rate": sum(hits) / max(len(correct), 1),
+            "chance": float(np.mean([regions[i].mean() for i in correct])) if correct else float("nan"),
+            "grid": list(result.grid.shape[1:]), "input_size": size}
