@@ -70,15 +70,20 @@ def map_gradients(maps: np.ndarray, pooling: str, feature_grad: np.ndarray) -> n
     raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
 
 
-def gradcam_grid(maps: np.ndarray, pooling: str, head: dict[str, np.ndarray], classes: np.ndarray,
-                 features: np.ndarray | None = None) -> np.ndarray:
-    """relu(sum_k w_k A_k) at the maps' resolution (N, H, W), unnormalised; w_k = spatial mean of the gradient."""
+def weighted_maps(maps: np.ndarray, pooling: str, head: dict[str, np.ndarray], classes: np.ndarray,
+                  features: np.ndarray | None = None) -> np.ndarray:
+    """sum_k w_k A_k at the maps' resolution (N, H, W), before the relu; w_k = spatial mean of d logit / d A_k."""
     maps = np.asarray(maps, np.float64)
     if features is None:
         features = maps.mean(axis=(1, 2)) if pooling == "avg" else maps.max(axis=(1, 2))
     gradients = map_gradients(maps, pooling, feature_gradients(np.asarray(features, np.float64), head, classes))
-    weights = gradients.mean(axis=(1, 2))  # (N, K)
-    return np.maximum(np.einsum("nhwk,nk->nhw", maps, weights), 0)
+    return np.einsum("nhwk,nk->nhw", maps, gradients.mean(axis=(1, 2)))
+
+
+def gradcam_grid(maps: np.ndarray, pooling: str, head: dict[str, np.ndarray], classes: np.ndarray,
+                 features: np.ndarray | None = None) -> np.ndarray:
+    """relu(sum_k w_k A_k) at the maps' resolution (N, H, W), unnormalised: only evidence for the class."""
+    return np.maximum(weighted_maps(maps, pooling, head, classes, features), 0)
 
 
 def normalised(grid: np.ndarray) -> np.ndarray:
