@@ -108,7 +108,8 @@ figure{margin:1rem 0}img{max-width:100%;height:auto;border:1px solid #d9e2ec}
 figcaption,.more,footer{color:#52606d;font-size:.9rem}footer{margin-top:3rem}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.8rem;margin:1rem 0}
 .card{margin:0;border:1px solid #d9e2ec;border-radius:6px;padding:.4rem}.card .pictures{display:flex;gap:.3rem}
-.card img{width:50%;max-width:256px;image-rendering:auto}.card figcaption{margin-top:.3rem}
+.card .pictures a{flex:1 1 0;min-width:0}.card img{width:100%;max-width:256px}
+.card figcaption{margin-top:.3rem;overflow-wrap:anywhere}
 """
 
 
