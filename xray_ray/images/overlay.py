@@ -47,5 +47,5 @@ def overlay(square: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def png(pixels: np.ndarray) -> bytes:
     """PNG bytes of a uint8 grayscale (H, W) or RGB (H, W, 3) array."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)  # `optimize` would cost several times more
     return buffer.getvalue()
