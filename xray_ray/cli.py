@@ -267,6 +267,8 @@ def score(
     review_threshold: float = typer.Option(0.6, "--review-threshold", help="Answers less confident than this are "
                                            "listed for review."),
     top_n: int = typer.Option(10, "--top-n", help="Most confident images listed per class."),
+    explain: int = typer.Option(24, "--explain", min=0, help="Images to review shown with a Grad-CAM heat map in the "
+                                "report, at most (needs --model; 0: none)."),
     run: str = typer.Option(None, "--run", help="Run folder name (default: today's date)."),
     commit_rows: int = typer.Option(1000, "--commit-rows", help="Rows per committed predictions part."),
     files_per_task: int = typer.Option(256, "--files-per-task", help="Files per read task: the unit in which "
@@ -293,7 +295,7 @@ def score(
         archives=[str(a) for a in archives], out=str(out), model=str(model) if model else None, backend=backend,
         engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
         batch_size=batch_size, read_cpus=read_cpus, labels=str(labels) if labels else None,
-        review_threshold=review_threshold, top_n=top_n, run=run, commit_rows=commit_rows,
+        review_threshold=review_threshold, top_n=top_n, explain=explain, run=run, commit_rows=commit_rows,
         files_per_task=files_per_task, object_store_mb=object_store_mb, follow_symlinks=follow_symlinks,
         expect_version=expect_version)
     try:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from xray_ray.config import CLASS_NAMES
-from xray_ray.images.synth import SYNTHETIC_NOTE, phantom, write_dataset
+from xray_ray.images.synth import FINDING_REGIONS, SYNTHETIC_NOTE, phantom, phantom_with_region, write_dataset
 
 
 def _png_bytes(root, per_class):
@@ -142,3 +142,32 @@ def test_finding_is_visible_in_the_lungs_at_64px(label, seed):
     else:  # Lung_Opacity: one lung only
         assert sides < 0.05
 
+
+
+@pytest.mark.parametrize("label", CLASS_NAMES)
+def test_region_costs_no_random_draws_so_the_image_is_unchanged(label):
+    image, region = phantom_with_region(label, 96, np.random.default_rng([4, 2]))
+    assert np.array_equal(image, phantom(label, 96, np.random.default_rng([4, 2])))
+    assert region.shape == image.shape and region.dtype == bool
+    assert label in FINDING_REGIONS
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_consolidation_region_is_where_the_opacity_was_added(seed):
+    normal = phantom("Normal", 128, np.random.default_rng([12, seed])).astype(np.int16)
+    sick, region = phantom_with_region("Lung_Opacity", 128, np.random.default_rng([12, seed]))
+    added = sick.astype(np.int16) - normal
+    assert 0.002 < region.mean() < 0.15  # a focal finding, a few percent of the image
+    assert added[region].mean() > 4 * max(added[~region].mean(), 1.0)  # the region holds the added density
+    columns = np.flatnonzero(region.any(axis=0))
+    assert columns.max() < 64 or columns.min() >= 64  # one lung only
+
+
+@pytest.mark.parametrize("label", ["COVID", "Viral Pneumonia"])
+def test_diffuse_findings_mark_both_lung_fields_and_normal_marks_nothing(label):
+    _, region = phantom_with_region(label, 128, np.random.default_rng(3))
+    _, opacity = phantom_with_region("Lung_Opacity", 128, np.random.default_rng(3))
+    _, normal = phantom_with_region("Normal", 128, np.random.default_rng(3))
+    assert not normal.any()
+    assert region[:, :64].mean() > 0.1 and region[:, 64:].mean() > 0.1  # both lungs
+    assert region[opacity].mean() > 0.9  # the consolidation lies inside the lung fields

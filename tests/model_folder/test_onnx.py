@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import Exported, phantom_batch, train_and_export
+from tests.helpers import Exported, phantom_batch
+from tests.model_folder.conftest import SIZE
 from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_hex
 from xray_ray.images import synth
@@ -32,20 +33,9 @@ from xray_ray.model_folder.engines import onnx_threads
 from xray_ray.model_folder.export import export_model
 
 pytestmark = pytest.mark.timeout(600)
-SLOW_FIXTURES = {"models", "keras_engine"}  # they train networks
+SLOW_FIXTURES = {"models", "keras_engine"}  # they train networks (`models`: tests/model_folder/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Exported]:
-    """A compact CNN (2 epochs) and the origin's EfficientNetB1 (from scratch, 1 epoch on 24 phantoms), at 64 px."""
-    root = tmp_path_factory.mktemp("onnx_models")
-    return {
-        "compact": train_and_export(root / "compact", SIZE, "compact", epochs=2, per_class=12),
-        "effb1": train_and_export(root / "effb1", SIZE, "efficientnetb1", epochs=1, per_class=6),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from PIL import Image as PILImage
 from xray_ray.config import CLASS_NAMES
 from xray_ray.reports.figures import plot_curves, plot_histograms, plot_training_curves
 from xray_ray.reports.html import (
+    Card,
+    Gallery,
     Image,
     KeyValues,
     Links,
@@ -216,3 +218,14 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert_no_temp_files(tmp_path)
+
+
+def test_gallery_escapes_captions_and_links_pictures_relatively(tmp_path):
+    cards = [Card([("explain/ab.png", 'thumb "<x>"'), ("explain/ab-gradcam.png", "heat")], "a <b>\nCOVID, 0.91")]
+    path = write_html(tmp_path / "page.html", "t", [Section("s", [Gallery(cards)])])
+    page = path.read_text(encoding="utf-8")
+    assert "a &lt;b&gt;<br>COVID, 0.91" in page and "<b>" not in page and 'alt="thumb &quot;&lt;x&gt;&quot;"' in page
+    refs, _ = parse_html(path)
+    assert sorted(set(refs)) == ["explain/ab-gradcam.png", "explain/ab.png"]
+    with pytest.raises(ValueError, match="relative"):
+        write_html(tmp_path / "bad.html", "t", [Section("s", [Gallery([Card([("/etc/x.png", "x")], "c")])])])

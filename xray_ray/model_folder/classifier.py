@@ -190,7 +190,12 @@ class Classifier:
         if not len(batch):
             empty = np.zeros((0, len(self.classes)))
             return Predictions(empty, self.classes, self.version, self.engine)
-        outputs = self.forward(batch, ("probabilities", "features") if self.detector else ("probabilities",))
+        return self.answer(self.forward(batch, ("probabilities", "features") if self.detector else ("probabilities",)),
+                           batch)
+
+    def answer(self, outputs: dict[str, np.ndarray], batch: np.ndarray) -> Predictions:
+        """The Predictions for one forward pass's `outputs` (probabilities, and features when there is a detector)
+        of `batch`: calibrated, with the out-of-distribution score and flag."""
         raw = np.asarray(outputs["probabilities"], dtype=np.float64)
         calibrated = self.calibration.apply(raw) if self.calibration else raw
         if self.detector is None:

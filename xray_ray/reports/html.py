@@ -70,8 +70,24 @@ class Links:
 
 
 @dataclass
+class Card:
+    """Pictures beside the page shown side by side, e.g. a thumbnail and its heat map: (relative src, alt) pairs,
+    and a caption (one line per line of text)."""
+
+    pictures: list[tuple[str, str]]
+    caption: str
+
+
+@dataclass
+class Gallery:
+    """A grid of cards; each picture links to itself at full size."""
+
+    cards: list[Card]
+
+
+@dataclass
 class Section:
-    """A heading and its blocks, in order: str, Text, Metrics, KeyValues, Table, Image, Links."""
+    """A heading and its blocks, in order: str, Text, Metrics, KeyValues, Table, Image, Links, Gallery."""
 
     heading: str
     blocks: list = field(default_factory=list)
@@ -90,6 +106,10 @@ thead th{background:#f0f4f8}tbody tr:nth-child(even){background:#fafbfc}td.num{t
 table.kv th{background:#f8fafc;font-weight:600;font-family:ui-monospace,monospace;font-size:.9rem}
 figure{margin:1rem 0}img{max-width:100%;height:auto;border:1px solid #d9e2ec}
 figcaption,.more,footer{color:#52606d;font-size:.9rem}footer{margin-top:3rem}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.8rem;margin:1rem 0}
+.card{margin:0;border:1px solid #d9e2ec;border-radius:6px;padding:.4rem}.card .pictures{display:flex;gap:.3rem}
+.card .pictures a{flex:1 1 0;min-width:0}.card img{width:100%;max-width:256px}
+.card figcaption{margin-top:.3rem;overflow-wrap:anywhere}
 """
 
 
@@ -156,10 +176,17 @@ def _block(block: Any) -> str:
         case Image(src, alt, caption):
             cap = f"<figcaption>{e(caption)}</figcaption>" if caption else ""
             return f'<figure><img src="{_href(src)}" alt="{e(alt)}">{cap}</figure>'
+        case Gallery(cards):
+            shown = "".join(
+                '<figure class="card"><div class="pictures">'
+                + "".join(f'<a href="{_href(src)}"><img src="{_href(src)}" alt="{e(alt)}"></a>' for src, alt in card.pictures)
+                + f'</div><figcaption>{"<br>".join(e(line) for line in card.caption.splitlines())}</figcaption></figure>'
+                for card in cards)
+            return f'<div class="gallery">{shown}</div>'
         case Links(links):
             items = "".join(f'<li><a href="{_href(href)}">{e(label)}</a></li>' for label, href in links.items())
             return f"<ul>{items}</ul>"
-    raise TypeError(f"unknown report block {type(block).__name__}; use Text, Metrics, KeyValues, Table, Image or Links")
+    raise TypeError(f"unknown report block {type(block).__name__}; use Text, Metrics, KeyValues, Table, Image, Links or Gallery")
 
 
 def write_html(path: str | Path, title: str, sections: list[Section], note: str | list[str] | None = None) -> Path:

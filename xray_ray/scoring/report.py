@@ -26,6 +26,7 @@ from xray_ray.reports.tables import (
     write_json,
 )
 from xray_ray.scoring.archive import class_folder_label, is_synthetic
+from xray_ray.scoring.explain import gallery_blocks, write_explanations
 from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
 
 FLAGGED_CSV = "out_of_distribution.csv"
@@ -79,8 +80,12 @@ def _counts(ok: pd.DataFrame, threshold: float) -> list[dict]:
 
 
 def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roots: list[Path],
-                 labels: dict[str, str] | None, threshold: float, top_n: int) -> dict:
-    """Write `<folder>/report/` for the run's rows; returns the summary (also summary.json)."""
+                 labels: dict[str, str] | None, threshold: float, top_n: int, explain: int = 0,
+                 model: str | None = None, engine: str = "auto") -> dict:
+    """Write `<folder>/report/` for the run's rows; returns the summary (also summary.json).
+
+    With `explain` > 0 and the run's `model` folder, up to `explain` review images get a heat map (scoring.explain).
+    """
     report = Path(folder) / "report"
     frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
     scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
@@ -95,6 +100,7 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     review_rows = _listing(review, roots).assign(why=review["why"].to_numpy())
     review_rows = review_rows[["why", *review_rows.columns[:-1]]]
     write_csv(report / "review.csv", review_rows)
+    explained, explain_note = write_explanations(report, review_rows, model, state["model_version"], engine, explain)
     error_rows = pd.DataFrame({"file": [display_path(p, roots) for p in errors["path"]],
                                "code": errors["error_code"], "reason": errors["error_reason"], "path": errors["path"]})
     write_csv(report / "errors.csv", error_rows)
@@ -128,11 +134,13 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
         "error_codes": {str(k): int(v) for k, v in errors["error_code"].value_counts().sort_index().items()},
         "error_reasons": {str(k): int(v) for k, v in errors["error_reason"].value_counts().items()},
         "out_of_distribution_with_known_class": {"images": len(flagged_truth), "correct": int(flagged_right)},
+        "explanations": {"limit": explain, "shown": len(explained), "note": explain_note},
         "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
                                                          "class folders", **evaluation.as_dict()},
     }
     write_json(report / "summary.json", summary)
-    _write_page(report, summary, counts, review_rows, error_rows, evaluation, flagged_rows)
+    _write_page(report, summary, counts, review_rows, error_rows, evaluation, flagged_rows,
+                gallery_blocks(explained, explain_note))
     return summary
 
 
@@ -193,7 +201,7 @@ def _flagged_section(flagged_rows: pd.DataFrame, known: dict) -> Section:
 
 
 def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd.DataFrame,
-                error_rows: pd.DataFrame, evaluation, flagged_rows: pd.DataFrame) -> Path:
+                error_rows: pd.DataFrame, evaluation, flagged_rows: pd.DataFrame, heat_maps: list) -> Path:
     """index.html: every figure of the summary, each explained in plain words."""
     threshold, top_n = summary["review_threshold"], summary["top_n"]
     notes = ["The model's answers help decide which images to look at first; they are not a diagnosis."]
@@ -227,6 +235,7 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
                   "left are answers to check more carefully."),
         ]),
         Section("Images to review", _review_blocks(review_rows, threshold, top_n)),
+        Section("Where the model looked (heat maps of images to review)", heat_maps),
     ]
     if evaluation is not None:
         source = summary["ground_truth"]["source"]

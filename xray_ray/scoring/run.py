@@ -40,6 +40,7 @@ from xray_ray.model_folder.card import ModelCard
 from xray_ray.ray_runtime import ensure_ray
 from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
+from xray_ray.scoring.explain import DEFAULT_EXPLAIN
 from xray_ray.scoring.pipeline import (
     PREDICTION_COLUMNS,
     ActorScorer,
@@ -83,6 +84,7 @@ class ScoreOptions:
     labels: str | None = None  # CSV of (path, label) ground truth; class folders are used otherwise
     review_threshold: float = 0.6
     top_n: int = 10
+    explain: int = DEFAULT_EXPLAIN  # review images given a heat map in the report (0: none)
     run: str | None = None  # run folder name; default today's date
     commit_rows: int = 1000  # rows per committed predictions part (at least one task's files)
     files_per_task: int = 256  # files per read task; results arrive (and are committed) a task at a time
@@ -106,6 +108,8 @@ class ScoreOptions:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
         if min(self.actors, self.threads, self.cpus_per_actor, self.gpus_per_actor or 0) < 0 or self.read_cpus <= 0:
             problems.append("--actors, --threads, --cpus-per-actor and --gpus-per-actor must be >= 0, --read-cpus > 0")
+        if self.explain < 0:
+            problems.append("--explain must be >= 0")
         if not 0 <= self.review_threshold <= 1:
             problems.append(f"--review-threshold must be between 0 and 1, not {self.review_threshold}")
         if self.labels and not Path(self.labels).is_file():
@@ -332,7 +336,8 @@ def score(options: ScoreOptions) -> dict:
                      pool=asdict(pool))
         with times.measure("report"):
             summary = write_report(folder, read_predictions(folder), state, roots, truth,
-                                   threshold=options.review_threshold, top_n=options.top_n)
+                                   threshold=options.review_threshold, top_n=options.top_n, explain=options.explain,
+                                   model=options.model, engine=options.engine)
         state["timing"] = summary["timing"] = times.as_dict(written)
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         write_json(folder / "report" / "summary.json", summary)

@@ -30,6 +30,7 @@ from xray_ray.images.decode import ImageDecodeError
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import process_footprint, sigterm_as_interrupt
 from xray_ray.ray_runtime import ensure_ray
+from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.http import ApiError, uploaded_files
 from xray_ray.serving.settings import ServeSettings, read_token
 
@@ -59,6 +60,7 @@ class XrayClassifier:
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
+        self.explainer = ExplainLimiter()
         log.info("serving %s on %s; batches up to %d; token %s", self.classifier.version,
                  self.classifier.engine, settings.max_batch_size, "required" if self.token else "off")
 
@@ -110,6 +112,13 @@ class XrayClassifier:
 
         results = await asyncio.gather(*(one(name, data) for name, data in files))
         return {"results": list(results), "model_version": self.classifier.version}
+
+    @api.post("/explain")
+    async def explain(self, request: Request):
+        """One image's answer plus its Grad-CAM heat map (overlay PNG or array; serving/explain.py)."""
+        self._authorize(request)
+        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
+        return await explain_response(self.classifier, self.explainer, files, request)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
