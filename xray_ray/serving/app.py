@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-import ray
 from ray import serve
 
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
