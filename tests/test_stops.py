@@ -61,11 +61,14 @@ def assert_refuses_a_driver_without_the_token(address: str, token_file: Path | N
         assert admitted.returncode == 0 and "joined" in admitted.stdout, admitted.stderr[-2000:]
 
 
+ARCHIVE_FILES = 4 * 100
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    """600 phantoms at 299 px: scoring them takes long enough to be interrupted mid-run."""
+    """400 phantoms at 299 px: scoring them takes long enough to be interrupted mid-run."""
     root = tmp_path_factory.mktemp("archive")
-    synth.write_dataset(root, per_class=150, size=299, seed=3)
+    synth.write_dataset(root, per_class=ARCHIVE_FILES // 4, size=299, seed=3)
     return root
 
 
@@ -109,7 +112,7 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
     finally:
         scoring.kill()
     committed = read_predictions(out / "night")
-    assert 0 < len(committed) < 600, "the run was not stopped mid-way"
+    assert 0 < len(committed) < ARCHIVE_FILES, "the run was not stopped mid-way"
 
     rerun = Command(args, tmp_path / "rerun.log", tmp_path)
     try:
@@ -117,7 +120,7 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
     finally:
         rerun.kill()
     rows = read_predictions(out / "night")
-    assert len(rows) == 600 and rows["path"].is_unique and (rows["status"] == "ok").all()
+    assert len(rows) == ARCHIVE_FILES and rows["path"].is_unique and (rows["status"] == "ok").all()
     kept = rows.set_index("path").loc[committed["path"]]
     assert (kept["predicted_label"].to_numpy() == committed["predicted_label"].to_numpy()).all()
 
