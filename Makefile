@@ -9,7 +9,6 @@ BACKBONE ?=
 DATA ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: setup demo test test-fast bench clean
 

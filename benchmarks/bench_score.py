@@ -63,12 +63,12 @@ def _is_scoring_actor(pid: int) -> bool:
 def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
                batch: int, engine: str) -> None:
     """Runs in a fresh process: start a local Ray, then time one scoring run of `archive`."""
-    import ray
+    import ray  # after xray_ray, which keeps a local Ray on loopback
 
+    from xray_ray.ray_runtime import ensure_ray
     from xray_ray.scoring.run import ScoreOptions, score
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"),
-             log_to_driver=False)
+    ensure_ray(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
     started = time.perf_counter()
     summary = score(ScoreOptions(archives=[archive], model=model, out=out, run="bench", actors=actors, engine=engine,
                                  cpus_per_actor=cpus_per_actor, read_cpus=read_cpus, batch_size=batch))
@@ -97,7 +97,7 @@ def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per
             [sys.executable, __file__, "--job-worker", str(archive), str(model), out, str(actors),
              str(cpus_per_actor), str(args.read_cpus), str(args.batch), engine],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
         peak = {"tree_pss_mb": 0.0, "driver_pss_mb": 0.0, "actor_rss_mb": 0.0}
 

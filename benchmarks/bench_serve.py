@@ -30,6 +30,7 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.images import synth
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.processes import free_port
+from xray_ray.ray_runtime import ensure_ray
 
 
 def phantom_pngs(count: int) -> list[bytes]:
@@ -105,7 +106,7 @@ def main() -> None:
         card = ModelCard.read(folder).data if folder.exists() else train_and_export(folder, args.size).card
         reference_ms = max_batch_forward_ms(folder, args.max_batch, int(args.replica_cpus), args.engines[0])
         images = phantom_pngs(64)
-        ray.init(num_cpus=max(2, int(args.replica_cpus)), include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=max(2, int(args.replica_cpus)), log_to_driver=False)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         rows = []

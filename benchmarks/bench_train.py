@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 from common import ROOT, print_table, save
 
 from xray_ray.config import flat_config, load_config
@@ -55,6 +54,8 @@ def learning_run(frame, backbone: str, epochs: int | None) -> dict:
     result = fit(training, config)
     model = result.model
     x, y = _arrays(training.train)
+    import ray  # after xray_ray, which keeps a local Ray on loopback
+
     xt, yt = _arrays(data.load_images(ray.data.from_pandas(training.split.test), config.data.image_size))
     stale = _accuracy(model.predict(x, verbose=0), y)
     batch_statistics = _accuracy(predict_with_batch_statistics(model, x, len(x)), y)  # the training set's own

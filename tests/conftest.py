@@ -15,10 +15,11 @@ import pytest
 
 from xray_ray.config import load_config
 
-# A Ray Data hang must fail in minutes, not the default 30; no usage stats; no auth token.
+# A Ray Data hang must fail in minutes, not the default 30; no usage stats. Ray's token auth stays as the
+# product sets it: on for every Ray the tests start through xray_ray (a test disables it only for a head it
+# starts itself, explicitly).
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "180")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 COMPACT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compact_cpu.yaml"
@@ -29,12 +30,14 @@ REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA",
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """A local Ray for this test session, in its own temp dir, stopped at the end."""
+    """A local Ray for this test session, started as every command starts one (loopback, token auth), in its
+    own temp dir, stopped at the end. Subprocesses inherit its token settings and can join it."""
     import ray
 
+    from xray_ray.ray_runtime import ensure_ray
+
     os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False)
+    ensure_ray(num_cpus=2, log_to_driver=False, temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
     ray.shutdown()
 

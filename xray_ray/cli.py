@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import typer
 
 from xray_ray.images.synth import SYNTHETIC_NOTE
+from xray_ray.ray_runtime import ray_stopped_on_interrupt, use_address
 
 app = typer.Typer(help="Tune, serve and batch-score a chest X-ray classifier on Ray.", no_args_is_help=True)
 
@@ -41,11 +41,6 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def _synthetic(flag: bool) -> str:
     return f" ({SYNTHETIC_NOTE})" if flag else ""
-
-
-def _use_address(address: str | None) -> None:
-    if address:
-        os.environ["RAY_ADDRESS"] = address
 
 
 @app.command()
@@ -178,10 +173,10 @@ def tune(
     Relative output paths resolve under $XRAY_RAY_HOME, else the working folder (~/xray-ray when run by `ray job submit`, whose working folder is temporary).
     """
     from xray_ray.training.network import WeightsUnavailableError
+    use_address(address)  # before the tuning modules import Ray
     from xray_ray.tuning import experiment as tuning
     from xray_ray.tuning.storage import plan
 
-    _use_address(address)
     try:
         config, settings = tuning.load_experiment_config(config_file, overrides)
         experiment = plan(settings, name, storage_path, out, report_dir)
@@ -210,7 +205,7 @@ def tune(
 def serve_model(
     model: Path = typer.Option(..., "--model", help="Exported model folder (model.keras, model.onnx, model_card.json)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; anything but loopback exposes the endpoint "
-                             "to the network (put it behind a firewall and set a token)."),
+                             "to the network and needs a token (--token-file), and a firewall."),
     port: int = typer.Option(8000, help="HTTP port."),
     engine: str = typer.Option("auto", help="auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras."),
     max_batch_size: int = typer.Option(16, min=1, help="Largest dynamic batch."),
@@ -219,23 +214,30 @@ def serve_model(
     num_cpus: float = typer.Option(1.0, help="CPUs per replica (ONNX Runtime uses that many threads)."),
     num_gpus: float = typer.Option(0.0, help="GPUs per replica."),
     max_body_mb: float = typer.Option(64.0, help="Largest request body accepted (413 beyond)."),
+    max_inflight_mb: float = typer.Option(256.0, help="Request bodies one replica holds at once (429 beyond): "
+                                          "with the pixel cap, this bounds a replica's memory."),
     token_file: Path = typer.Option(None, help="File holding a bearer token required on every endpoint but /healthz "
                                     "(or set $XRAY_RAY_SERVE_TOKEN where the replicas run)."),
+    insecure_no_token: bool = typer.Option(False, "--insecure-no-token", help="Serve on a non-loopback --host "
+                                           "without a token (refused otherwise)."),
+    expect_version: str = typer.Option(None, "--expect-version", help="Refuse to serve unless the model card "
+                                       "names this version."),
     address: str = typer.Option(None, "--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a "
                                 "local Ray is started and stopped with this command)."),
 ) -> None:
     """Serve a model over HTTP with Ray Serve until interrupted (Ctrl-C or SIGTERM)."""
+    use_address(address)  # before Serve imports Ray
     from xray_ray.serving.app import serve_until_stopped
-    from xray_ray.serving.settings import ServeSettings, read_token
+    from xray_ray.serving.settings import ServeSettings, check_exposure, read_token
 
-    _use_address(address)
     try:
         settings = ServeSettings(
             model=str(model.resolve()), engine=engine, max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_ms / 1000, num_replicas=replicas, num_cpus=num_cpus,
-            num_gpus=num_gpus, max_body_mb=max_body_mb,
-            token_file=str(token_file.resolve()) if token_file else None)
-        read_token(settings.token_file)  # an empty or missing token file fails here, not in a replica
+            num_gpus=num_gpus, max_body_mb=max_body_mb, max_inflight_mb=max_inflight_mb,
+            token_file=str(token_file.resolve()) if token_file else None, expect_version=expect_version)
+        # An empty or missing token file fails here, not in a replica.
+        check_exposure(host, read_token(settings.token_file), insecure_no_token)
     except (OSError, ValueError) as err:
         raise _fail(str(err))
     serve_until_stopped(settings, host, port, started=lambda: typer.echo(
@@ -287,10 +289,10 @@ def score(
     with a code), 2 for a bad configuration, 3 for an unusable model (or no running Serve app, or not the
     --expect-version), 4 for an unreachable archive.
     """
+    use_address(address)  # before the scoring modules import Ray
     from xray_ray.scoring.run import ScoreError, ScoreOptions
     from xray_ray.scoring.run import score as run_scoring
 
-    _use_address(address)
     options = ScoreOptions(
         archives=[str(a) for a in archives], out=str(out), model=str(model) if model else None, backend=backend,
         engine=engine, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, threads=threads,
@@ -299,9 +301,12 @@ def score(
         files_per_task=files_per_task, object_store_mb=object_store_mb, follow_symlinks=follow_symlinks,
         expect_version=expect_version)
     try:
-        summary = run_scoring(options)
+        with ray_stopped_on_interrupt():
+            summary = run_scoring(options)
     except ScoreError as err:
         raise _fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        raise _fail("interrupted: the parts committed so far are kept; run the same command again to finish", 130)
     typer.echo(f"run {summary['run']}: {summary['scored']} images scored, {summary['errors']} unreadable, "
                f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']})"
                + _synthetic(summary["synthetic_data"]))

@@ -4,7 +4,7 @@ Synthesize phantoms (or take a real dataset), index them, tune through `jobs/tun
 submitted with `ray job submit` exactly as on a cluster, score a synthetic archive with
 bad files mixed in through `jobs/score.py`, then serve the best model and ask it a few
 questions over plain HTTP. One line per stage with its time; Ray's own bars in between.
-Everything it started (the head, Serve) is stopped at the end, even on failure.
+Everything it started (the head, Serve) is stopped at the end, even on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The demo is one machine on loopback: Ray must not swap 127.0.0.1 for the machine's address
-# when this process connects to its head (read once, when Ray is first imported).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The demo's driver joins its own head, which checks Ray's token; Ray reads the mode once, when first imported
+# (the token file itself is named once the head has made it).
+os.environ["RAY_AUTH_MODE"] = "token"
 
 import httpx  # noqa: E402 - every import below comes after the setting above: they pull in Ray
 import ray  # noqa: E402
@@ -29,7 +29,7 @@ from ray import serve  # noqa: E402
 
 from xray_ray.images.index import build_index, save_index  # noqa: E402
 from xray_ray.images.synth import SYNTHETIC_NOTE, write_dataset  # noqa: E402
-from xray_ray.processes import free_port, sigterm_as_interrupt  # noqa: E402
+from xray_ray.processes import free_port, sigterm_as_interrupt, stop_signals_ignored  # noqa: E402
 from xray_ray.ray_runtime import LocalHead, ensure_ray  # noqa: E402
 from xray_ray.reports.tables import write_json  # noqa: E402
 from xray_ray.serving.app import start as start_serving  # noqa: E402
@@ -140,10 +140,11 @@ def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Pat
     """Start the head, then index, tune, score and serve on it; everything started is stopped on the way out."""
     head = LocalHead(num_cpus=options.num_cpus)
     try:
-        with stages("start_ray", "start a local Ray head (127.0.0.1, dashboard and job API included)"):
+        with stages("start_ray", "start a local Ray head (127.0.0.1, token auth, dashboard and job API included)"):
             head.start()
+            os.environ.update(head.client_env())  # for this driver and `ray job submit`
             ensure_ray(address=head.gcs, log_to_driver=False)
-            print(f"    dashboard and job API: {head.dashboard}")
+            print(f"    Ray at {head.gcs}; dashboard and job API: {head.dashboard}; token file: {head.token_file}")
         with stages("index", f"index {root} on Ray Data"):
             frame, _ = build_index(root)
             save_index(frame, out / "index.parquet")
@@ -165,7 +166,7 @@ def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Pat
             answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
             serve.shutdown()
     finally:
-        with stages("stop", "stop what the demo started"):
+        with stop_signals_ignored(), stages("stop", "stop what the demo started"):
             if ray.is_initialized():
                 ray.shutdown()
             head.stop()

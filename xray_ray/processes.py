@@ -55,6 +55,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """Within the block Ctrl-C and SIGTERM are ignored, so a stop already under way (Ray shutting down) finishes
+    instead of being cut short by a second signal."""
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def proc_field_mb(pid: int | str, field: str, source: str = "status") -> float | None:
     """A kB field (`VmRSS`, `VmHWM`, `Pss`...) of /proc/<pid>/<source> in MB; None when unreadable."""
     try:
@@ -88,6 +100,32 @@ def process_tree(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def process_group(pgid: int) -> list[int]:
+    """Every live process whose process group is `pgid` (a terminal's foreground job, a `start_new_session` child)."""
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def still_running(pids: list[int]) -> list[int]:
+    """Those of `pids` that are still running (not gone, not zombies)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
 
 
 def command_line(pid: int) -> bytes:

@@ -1,38 +1,133 @@
-"""Connecting to Ray: the cluster named by RAY_ADDRESS, or a new local one; or a local head of our own.
+"""Starting or joining Ray securely: the one way every command gets a Ray, and a local head of our own.
 
-Local first: a Ray started here binds its dashboard to 127.0.0.1 and sends no usage
-statistics, so nothing listens on a hospital network unless a cluster is configured.
+A Ray started here (a command's own local Ray, or `LocalHead`) keeps Ray's token
+authentication on, with a fresh random token in a file only this user can read (mode 0600
+in a 0700 folder), and binds every listener (GCS, raylet, workers, dashboard and
+runtime-env agents) to 127.0.0.1. Joining a cluster (`address` or RAY_ADDRESS) follows
+Ray's own rules: RAY_AUTH_MODE=token and the cluster's token from RAY_AUTH_TOKEN_PATH,
+RAY_AUTH_TOKEN or ~/.ray/auth_token. Nothing here turns authentication off.
+
+Ray on Linux advertises, and binds to, the machine's network address even for a node on
+127.0.0.1 unless its multi-host mode is off when Ray is *imported*; importing this module
+(which `xray_ray/__init__.py` does first) turns it off unless RAY_ADDRESS names a remote
+cluster, and `use_address` decides again before a command imports Ray.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ipaddress
+import logging
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from xray_ray.processes import free_port, stop_process_group
+from xray_ray.processes import free_port, sigterm_as_interrupt, stop_process_group, stop_signals_ignored
+
+LOOPBACK = "127.0.0.1"
+MULTI_HOST_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+TOKEN_FILE = "auth_token"
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Without an explicit mode, Ray turns token authentication on once ~/.ray/auth_token exists,
-# and `ray job submit` then fails; a cluster that wants tokens sets RAY_AUTH_MODE=token.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_driver: bool = True) -> None:
+def is_loopback_host(host: str) -> bool:
+    """True for `127.0.0.1`, `::1`, `localhost`; False for `0.0.0.0`, `::` and every other host."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for `127.0.0.1:6379`, `http://localhost:8265`, `ray://[::1]:10001`...; False for any other host."""
+    return is_loopback_host(urlsplit(address if "://" in address else f"//{address}").hostname or "")
+
+
+def use_address(address: str | None) -> None:
+    """Choose the Ray this process (and its children) will use, before Ray is imported: `address`
+    (kept in RAY_ADDRESS), else RAY_ADDRESS, else a new local Ray.
+
+    A local Ray or a head on loopback needs Ray's multi-host mode off, a remote cluster needs it on.
+    """
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    target = os.environ.get("RAY_ADDRESS", "")
+    if not target or is_loopback_address(target):
+        os.environ[MULTI_HOST_SWITCH] = "0"
+    elif os.environ.get(MULTI_HOST_SWITCH) == "0":
+        del os.environ[MULTI_HOST_SWITCH]
+
+
+if "ray" not in sys.modules:  # in a Ray worker Ray is imported already and its node decided this
+    use_address(None)
+
+
+def write_token_file(folder: Path) -> Path:
+    """A new random token in `folder`/auth_token, created with mode 0600 (never readable by others)."""
+    path = folder / TOKEN_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as sink:
+        sink.write(secrets.token_hex(32))
+    return path
+
+
+def _private_token() -> Path:
+    """A token for a Ray only this process starts: in a fresh 0700 folder, removed when the process exits
+    (after Ray's own exit handler has stopped that Ray)."""
+    folder = Path(tempfile.mkdtemp(prefix="xray-ray-auth-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return write_token_file(folder)
+
+
+def _check_local_start_is_safe() -> None:
+    from ray._private import ray_constants  # Ray is imported by now (ensure_ray)
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            "Ray was imported before xray_ray, so a local Ray would listen on every network interface; "
+            f"import xray_ray first, or set {MULTI_HOST_SWITCH}=0 before importing Ray")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s turns Ray's token authentication off: any local user can run code "
+                    "in this Ray as you", os.environ["RAY_AUTH_MODE"])
+
+
+_local_ray_started = False
+
+
+def started_local_ray() -> bool:
+    """True when this process started its own local Ray (which ends with it); False when it joined one."""
+    return _local_ray_started
+
+
+def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_driver: bool = True,
+               temp_dir: str | None = None) -> None:
     """Connect to Ray once per process, the one way every command does: `address`, else RAY_ADDRESS,
-    else a new local Ray on this machine. Later calls do nothing.
+    else a new local Ray on loopback with token authentication (`temp_dir`: its session folder).
+    Later calls do nothing.
 
     `ray.init` installs a SIGTERM handler that aborts the process; the handler that was
     there before is put back, so a command's own clean-up still runs on `kill`.
     """
-    import ray  # heavy, and it reads the environment set above when first imported
+    import ray  # heavy, and it must read the environment set above when first imported
 
+    global _local_ray_started
     if ray.is_initialized():
         return
     on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -40,46 +135,74 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_d
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=log_to_driver)
+        _check_local_start_is_safe()
+        if not (os.environ.get(TOKEN_PATH_ENV) or os.environ.get("RAY_AUTH_TOKEN")):
+            # Without this, Ray would write ~/.ray/auth_token with the umask's permissions.
+            os.environ[TOKEN_PATH_ENV] = str(_private_token())
+        # Ray turns token auth on for a new local Ray and says so; this module's docstring says it too.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
+                 log_to_driver=log_to_driver)
+        _local_ray_started = True
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextlib.contextmanager
+def ray_stopped_on_interrupt() -> Iterator[None]:
+    """Around a command's whole run: SIGTERM interrupts it as Ctrl-C does (KeyboardInterrupt), and on the
+    way out a Ray this process started is shut down, without a second signal cutting that short."""
+    with sigterm_as_interrupt():
+        try:
+            yield
+        finally:
+            if _local_ray_started:
+                import ray  # imported by ensure_ray already
+
+                with stop_signals_ignored():
+                    ray.shutdown()
 
 
 @dataclass
 class LocalHead:
     """A Ray head started as a user starts one (`ray start --head --block`), owned by this process.
 
-    Free ports, its own temp dir, dashboard (and job API) on 127.0.0.1. `stop()` ends exactly
-    the processes it started (its own process group), never another Ray on the machine,
-    which `ray stop` would.
+    Free ports, its own temp dir, every listener on 127.0.0.1, token authentication with a
+    token file (mode 0600) in that temp dir. `client_env()` is what a driver or
+    `ray job submit` needs to reach it. `stop()` ends exactly the processes it started (its
+    own process group), never another Ray on the machine, which `ray stop` would.
     """
 
     num_cpus: int = 2
     temp_dir: Path | None = None
     gcs: str = ""
     dashboard: str = ""
+    token_file: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
+    def client_env(self) -> dict[str, str]:
+        """Environment variables a client of this head needs: its token, and Ray's loopback mode."""
+        return {"RAY_AUTH_MODE": "token", TOKEN_PATH_ENV: str(self.token_file), MULTI_HOST_SWITCH: "0"}
+
     def start(self, timeout: float = 180) -> LocalHead:
-        # Ray's Unix socket paths must stay short, so the temp dir lives directly under /tmp.
+        # Ray's Unix socket paths must stay short, so the temp dir lives directly under /tmp (mode 0700).
         self.temp_dir = self.temp_dir or Path(tempfile.mkdtemp(prefix="xrh", dir="/tmp"))
+        self.token_file = write_token_file(self.temp_dir)
         port, dashboard_port = free_port(), free_port()
         ray_cli = Path(sys.executable).with_name("ray")
-        command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        command = [str(ray_cli), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={port}",
+                   f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats", f"--num-cpus={self.num_cpus}",
                    "--num-gpus=0", "--include-dashboard=true"]
-        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-        # Ray on Linux swaps 127.0.0.1 for the machine's address unless this is "0"; a driver
-        # connecting to this head needs the same setting before it imports Ray.
-        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(self.client_env())
         # Jobs submitted here run `python ...`: this interpreter's, with this project installed.
         env["PATH"] = os.pathsep.join([str(ray_cli.parent), env.get("PATH", "")])
-        log = open(self.temp_dir / "head.log", "w")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+        log_file = open(self.temp_dir / "head.log", "w")
+        self.process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        self.gcs, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+        self.gcs, self.dashboard = f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}"
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -89,8 +212,10 @@ class LocalHead:
         return self
 
     def _ready(self) -> bool:
+        request = urllib.request.Request(f"{self.dashboard}/api/version",
+                                         headers={"Authorization": f"Bearer {self.token_file.read_text()}"})
         try:
-            with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5) as answer:
+            with urllib.request.urlopen(request, timeout=5) as answer:
                 return answer.status == 200
         except OSError:
             return False

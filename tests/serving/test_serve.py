@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 
 from tests.badfiles import SECRET_PATIENT, bad_files, good_files
+from tests.serving.hostile import black_png
 from xray_ray.files import sha256_hex
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.processes import free_port
+from xray_ray.processes import command_line, free_port, proc_field_mb, process_tree
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -122,6 +123,86 @@ def test_bad_image_gets_a_4xx_with_its_reason_and_the_replica_keeps_serving(serv
     assert expected_reason in response.json()["reason"]
     assert SECRET_PATIENT not in response.text
     assert_still_serving(served, phantom_root)
+
+
+def hostile_uploads() -> dict[str, bytes]:
+    """Every broken file of tests/badfiles.py, and PNGs at and past the pixel bounds that compress to a few KB."""
+    return {**{name: data for name, (data, _) in bad_files().items()},
+            "wide_1000000x32.png": black_png(1_000_000, 32), "tall_32x1000000.png": black_png(32, 1_000_000),
+            "black_7000x7000.png": black_png(7000, 7000), "black16_7000x7000.png": black_png(7000, 7000, 16)}
+
+
+IN_BOUNDS = {"black_7000x7000.png", "black16_7000x7000.png"}
+"""Hostile uploads inside every bound (the pixel cap is 50 Mpx): answered, like any usable image."""
+
+
+def test_every_hostile_upload_is_refused_with_a_reason_code_and_the_replica_keeps_serving(served, phantom_root):
+    answers = {}
+    for name, data in hostile_uploads().items():
+        response = post_image(served, data, "application/octet-stream")
+        answers[name] = (response.status_code, response.json())
+        assert_still_serving(served, phantom_root)
+    for name, (status, answer) in answers.items():
+        if name in IN_BOUNDS and status == 200:
+            assert answer["label"] and answer["model_version"], (name, answer)
+            continue
+        assert 400 <= status < 500, (name, status, answer)
+        assert answer["error"] and answer["reason"] and SECRET_PATIENT not in json.dumps(answer), (name, answer)
+    assert answers["wide_1000000x32.png"][0] == 422 and answers["tall_32x1000000.png"][0] == 422
+
+
+def test_batch_answers_each_file_whatever_its_neighbours(served, reference, phantom_root):
+    images = sample_images(phantom_root, 2)
+    hostile = hostile_uploads()
+    names = ["wide_1000000x32.png", "bomb.png", "truncated.png", "empty.png", "jpegls.dcm"]
+    parts = [("files", ("first.png", images[0]))]
+    parts += [("files", (name, hostile[name])) for name in names]
+    parts += [("files", ("last.png", images[1]))]
+    response = httpx.post(f"{served}/predict/batch", files=parts, timeout=120)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == ["first.png", *names, "last.png"]
+    assert [r["status"] for r in results] == ["ok", *["error"] * len(names), "ok"]
+    assert all(r["error"] and r["reason"] for r in results[1:-1])
+    assert_answers_match([results[0], results[-1]], images, reference)
+    assert_still_serving(served, phantom_root)
+
+
+def replica_pids(app_name: str) -> list[int]:
+    """The processes of this session's Ray that run a replica of `app_name`."""
+    title = f"ServeReplica:{app_name}:".encode()
+    return [pid for pid in process_tree(os.getpid()) if title in command_line(pid)]
+
+
+def test_32_concurrent_worst_case_uploads_stay_within_the_memory_budget(served, compact_model, phantom_root):
+    """The largest accepted body that decodes to the pixel cap (16-bit, 7000 x 7000), 32 at once, on a replica of
+    its own: each is answered or refused (429), the replica's peak RSS stays within its stated budget."""
+    from ray import serve
+
+    from xray_ray.serving import app as serving
+
+    settings = settings_for(compact_model[0], num_cpus=1, max_inflight_mb=8 * MAX_BODY_MB, max_batch_size=16,
+                            max_ongoing_requests=32)
+    serve.run(serving.build_app(settings), name="xray-ray-budget", route_prefix="/budget")
+    url = f"{served}/budget"
+    try:
+        worst = black_png(7000, 7000, 16, size=int(MAX_BODY_MB * 2**20))
+        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(32) as pool:
+            responses = list(pool.map(lambda _: client.post(f"{url}/predict", content=worst,
+                                                            headers={"Content-Type": "image/png"}), range(32)))
+        statuses = [response.status_code for response in responses]
+        assert set(statuses) <= {200, 429}, statuses
+        assert 200 in statuses and all(r.json().get("error") == "busy" for r in responses if r.status_code == 429)
+        budget = httpx.get(f"{url}/model").json()["serving"]["memory_budget_mb"]
+        assert budget == settings.memory_budget_mb()
+        (replica,) = replica_pids("xray-ray-budget")
+        peak = proc_field_mb(replica, "VmHWM")
+        print(f"\n32 worst-case uploads: {statuses.count(200)} answered, {statuses.count(429)} refused; "
+              f"replica peak RSS {peak:.0f} MB, budget {budget:.0f} MB")
+        assert peak <= budget
+        assert_still_serving(url, phantom_root)
+    finally:
+        serve.delete("xray-ray-budget")
 
 
 @pytest.mark.parametrize("content_type, body, status, error", [

@@ -39,7 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     # Ray on Linux turns 127.0.0.1 into the machine's address; without multi-host mode, heads, nodes and
     # drivers stay on the loopback interface.
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="180",
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.update(extra)
@@ -234,7 +234,7 @@ class TestOnALocalHead:
                 [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--",
                  "python", "jobs/tune.py", "--config", CI_CONFIG, "--data", str(tiny_index / "phantoms"), "--name", "job",
                  "--storage-path", str(tmp_path / "tune"), "--out", str(out), "--report-dir", str(reports)],
-                env=_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=560)
+                env=_env(**ray_head.client_env()), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=560)
         output = log.read_text(errors="replace")
         assert done.returncode == 0 and "succeeded" in output, _tail(log, 120)
         assert "best trial" in output and "test accuracy" in output
@@ -251,7 +251,7 @@ class TestOnALocalHead:
         experiment = storage / "resume"
         common = [str(BIN / "python"), "jobs/tune.py", "--name", "resume", "--storage-path", str(storage), "--out", str(out),
                   "--report-dir", str(reports), "--address", ray_head.gcs]
-        env = _env(TUNE_GLOBAL_CHECKPOINT_S="0")  # save the experiment state at every step (see the README on resume)
+        env = _env(TUNE_GLOBAL_CHECKPOINT_S="0", **ray_head.client_env())  # save the experiment state at every step (see the README on resume)
         log = tmp_path / "first.log"
         with open(log, "w") as sink:
             first = subprocess.Popen(
@@ -347,7 +347,7 @@ def test_trials_spread_over_gpu_workers_one_per_gpu(tiny_index, tmp_path):
     folder = _short_tmp("xrc")
     log = folder / "cluster.log"
     with open(log, "w") as sink:
-        harness = subprocess.Popen([str(BIN / "python"), __file__, str(folder)], env=_env(RAY_TMPDIR=str(folder)),
+        harness = subprocess.Popen([str(BIN / "python"), __file__, str(folder)], env=_env(RAY_TMPDIR=str(folder), RAY_AUTH_MODE="disabled"),
                                    cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         cluster = json.loads(_wait_for(lambda: (folder / "cluster.json").exists() and (folder / "cluster.json").read_text(),
@@ -360,7 +360,7 @@ def test_trials_spread_over_gpu_workers_one_per_gpu(tiny_index, tmp_path):
                  "--set", "tune.num_samples=4", "--set", "tune.gpus_per_trial=1", "--set", "tune.max_concurrent_trials=0",
                  "--set", "tune.scheduler=none", "--set", "lra.epochs=1", "--name", "gpus", "--storage-path", str(tmp_path / "tune"),
                  "--out", str(out), "--report-dir", str(reports), "--address", cluster["address"]],
-                env=_env(RAY_TMPDIR=str(folder)), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=520)
+                env=_env(RAY_TMPDIR=str(folder), RAY_AUTH_MODE="disabled"), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, timeout=520)
         assert done.returncode == 0, _tail(driver_log, 120)
     finally:
         (folder / "stop").touch()

@@ -5,9 +5,12 @@ model sits in memory once per replica; the scoring job's `serve` backend reaches
 replicas through a deployment handle (`score_arrays`). Every answer carries the model
 version, the engine and the image's sha256, never a file name or a DICOM patient field.
 
-Bad input is the client's problem and gets a 4xx with a JSON reason (`ApiError`); the
-replica keeps serving. Bodies are read with a size cap before anything parses them, and
-no endpoint takes a server-side path. A bearer token (an environment variable or a file)
+Bad input is the client's problem and gets a 4xx with a JSON error code and reason
+(`ApiError`), whatever exception it caused; in /predict/batch each file gets its own
+answer; the replica keeps serving. Memory is bounded per replica
+(`ServeSettings.memory_budget_mb`): bodies are read with a size cap and share a byte
+budget, and a semaphore lets only as many images decode at once as the replica has CPUs.
+No endpoint takes a server-side path. A bearer token (an environment variable or a file)
 guards every endpoint but /healthz when it is set.
 """
 
@@ -20,21 +23,41 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
 from xray_ray.files import sha256_hex
-from xray_ray.images.decode import ImageDecodeError
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.processes import process_footprint, sigterm_as_interrupt
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.processes import process_footprint, sigterm_as_interrupt, stop_signals_ignored
+from xray_ray.ray_runtime import LOOPBACK, ensure_ray, started_local_ray
 from xray_ray.serving.explain import ExplainLimiter, explain_response
-from xray_ray.serving.http import ApiError, uploaded_files
+from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
 from xray_ray.serving.settings import ServeSettings, read_token
 
 log = logging.getLogger(__name__)
+
+
+def _bind_replica_grpc_to_loopback() -> None:
+    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to every interface ("[::]:0";
+    token-checked, but reachable from the network). On a Ray whose node is 127.0.0.1, which every Ray
+    this project starts is, the replica (which imports this module before it starts that server)
+    binds it to loopback instead; on a cluster it stays as Ray makes it."""
+    from ray.serve._private import replica  # the module whose binding is replaced
+
+    bind = replica.add_port_to_grpc_server
+
+    def bind_on_loopback_node(server, address: str) -> int:
+        if address.startswith("[::]:") and ray.is_initialized() and ray.util.get_node_ip_address() == LOOPBACK:
+            address = f"{LOOPBACK}:{address.rsplit(':', 1)[1]}"
+        return bind(server, address)
+
+    replica.add_port_to_grpc_server = bind_on_loopback_node
+
+
+_bind_replica_grpc_to_loopback()
 
 
 # No interactive docs: they would be endpoints outside the token's guard (the README lists the API).
@@ -57,12 +80,15 @@ class XrayClassifier:
         self.classifier = Classifier(settings.model, engine=settings.engine)
         self.token = read_token(settings.token_file)
         self.limit = int(settings.max_body_mb * 2**20)
+        self.bodies = BodyBudget(int(settings.max_inflight_mb * 2**20))
+        self.decoding = asyncio.Semaphore(settings.decode_slots)
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
         self.explainer = ExplainLimiter()
-        log.info("serving %s on %s; batches up to %d; token %s", self.classifier.version,
-                 self.classifier.engine, settings.max_batch_size, "required" if self.token else "off")
+        log.info("serving %s on %s; batches up to %d; %d image(s) decoded at once; memory budget %.0f MB; token %s",
+                 self.classifier.version, self.classifier.engine, settings.max_batch_size, settings.decode_slots,
+                 settings.memory_budget_mb(), "required" if self.token else "off")
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -82,10 +108,12 @@ class XrayClassifier:
         """The JSON answer for one image's bytes; ApiError when they cannot be used."""
         if not data:
             raise ApiError(400, "empty_body", "the image is empty (0 bytes)")
-        try:
-            image = await asyncio.to_thread(self.classifier.prepare, data)
-        except ImageDecodeError as err:
-            raise ApiError(422, "unusable_image", err.reason) from err
+        async with self.decoding:
+            try:
+                image = await asyncio.to_thread(self.classifier.prepare, data)
+            except Exception as err:  # any failure on these bytes is this image's problem: a 422, never a 500
+                log.warning("an upload failed to decode: %s", type(err).__name__)
+                raise unusable(err) from err
         answer = await self.infer(image)  # Predictions.rows(): calibrated confidence and the OOD flag
         return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
 
@@ -93,32 +121,36 @@ class XrayClassifier:
     async def predict(self, request: Request) -> dict:
         """One image: a multipart upload or the raw body (PNG, JPEG, TIFF, BMP, DICOM)."""
         self._authorize(request)
-        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
-        if len(files) > 1:
-            raise ApiError(400, "too_many_files", "send one image here, or several to /predict/batch")
-        return await self._answer(files[0][1])
+        with self.bodies.request() as share:
+            files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
+            if len(files) > 1:
+                raise ApiError(400, "too_many_files", "send one image here, or several to /predict/batch")
+            return await self._answer(files[0][1])
 
     @api.post("/predict/batch")
     async def predict_batch(self, request: Request) -> dict:
         """Several uploads in one multipart request: one result or one error per file, in order."""
         self._authorize(request)
-        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
-
-        async def one(name: str, data: bytes) -> dict:
-            try:
-                return {"file": name, "status": "ok", **await self._answer(data)}
-            except ApiError as err:
-                return {"file": name, "status": "error", "error": err.error, "reason": err.reason}
-
-        results = await asyncio.gather(*(one(name, data) for name, data in files))
+        with self.bodies.request() as share:
+            files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
+            results = await asyncio.gather(*(self._one_of_batch(name, data) for name, data in files))
         return {"results": list(results), "model_version": self.classifier.version}
 
     @api.post("/explain")
     async def explain(self, request: Request):
         """One image's answer plus its Grad-CAM heat map (overlay PNG or array; serving/explain.py)."""
         self._authorize(request)
-        files = await uploaded_files(request, self.limit, max_files=self.settings.max_batch_files)
-        return await explain_response(self.classifier, self.explainer, files, request)
+        with self.bodies.request() as share:
+            files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
+            async with self.decoding:  # an explanation decodes too: it counts against the same memory budget
+                return await explain_response(self.classifier, self.explainer, files, request)
+
+    async def _one_of_batch(self, name: str, data: bytes) -> dict:
+        """One file of /predict/batch: its answer, or its error, never its neighbours'."""
+        try:
+            return {"file": name, "status": "ok", **await self._answer(data)}
+        except ApiError as err:
+            return {"file": name, "status": "error", "error": err.error, "reason": err.reason}
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -130,6 +162,7 @@ class XrayClassifier:
         """The model's public card (version, classes, metrics, settings; no paths), the engine, how this replica serves."""
         self._authorize(request)
         serving = {key: value for key, value in asdict(self.settings).items() if key not in ("token_file", "model")}
+        serving.update(decode_slots=self.settings.decode_slots, memory_budget_mb=self.settings.memory_budget_mb())
         return {"card": self.classifier.card.public(), "runtime": {**self.classifier.describe(), **process_footprint()},
                 "serving": serving}
 
@@ -182,10 +215,13 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, na
 
 
 def serve_until_stopped(settings: ServeSettings, host: str, port: int, started: Callable[[], None]) -> None:
-    """`xray-ray serve`: deploy, call `started`, then serve until Ctrl-C or SIGTERM; the app and a Ray
-    started here are stopped on the way out (a cluster keeps running)."""
-    import ray  # already imported by Serve; named here for shutdown
+    """`xray-ray serve`: deploy, call `started`, then serve until Ctrl-C or SIGTERM.
 
+    On the way out a Ray started here is shut down with everything in it (Serve's controller,
+    proxy and replicas: asking a controller that may already have received the same signal to
+    delete the app first could wait forever); on a cluster the app is deleted and the cluster
+    keeps running.
+    """
     with sigterm_as_interrupt():
         try:
             start(settings, host=host, port=port)
@@ -195,7 +231,7 @@ def serve_until_stopped(settings: ServeSettings, host: str, port: int, started: 
         except KeyboardInterrupt:
             log.info("stopping")
         finally:
-            try:
-                serve.delete(SERVE_APP_NAME)
-            finally:
+            with stop_signals_ignored():
+                if ray.is_initialized() and not started_local_ray():
+                    serve.delete(SERVE_APP_NAME)
                 ray.shutdown()

@@ -28,12 +28,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from xray_ray.files import sha256_hex
-from xray_ray.images.decode import ImageDecodeError, decode
+from xray_ray.images.decode import decode
 from xray_ray.images.overlay import display_square, overlay, png
 from xray_ray.images.preprocess import preprocess
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.gradcam import explain, upsample
-from xray_ray.serving.http import ApiError
+from xray_ray.serving.http import ApiError, unusable
 
 EXPLAIN_TIMEOUT_S = 10.0
 """Longest one explanation may take before the client gets a 504."""
@@ -81,9 +81,10 @@ def explain_bytes(classifier: Classifier, data: bytes, class_name: str | None, f
     """The JSON answer for one image and, for the overlay format, the overlay PNG; ApiError for unusable input."""
     try:
         gray = decode(data)
-    except ImageDecodeError as err:
-        raise ApiError(422, "unusable_image", err.reason) from err
-    result = explain(classifier, preprocess(gray, classifier.image_size)[np.newaxis], [class_name])
+        model_input = preprocess(gray, classifier.image_size)
+    except Exception as err:  # this image's problem: a 422 with its reason code, never a 500
+        raise unusable(err) from err
+    result = explain(classifier, model_input[np.newaxis], [class_name])
     (answer,) = result.predictions.rows()
     answer = {**answer, "sha256": sha256_hex(data), "bytes": len(data), "explained_class": result.explained[0],
               "method": METHOD}

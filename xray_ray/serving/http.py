@@ -1,15 +1,20 @@
-"""The HTTP edge of the Serve application: refusing a request with a reason, reading bodies within a cap.
+"""The HTTP edge of the Serve application: refusing a request with a reason, reading bodies within caps.
 
-Bodies are read with a size cap before anything parses them; a refusal is an `ApiError`
-(status, short code, readable reason) that the app turns into a JSON 4xx.
+Bodies are read with a size cap before anything parses them, and all the bodies a replica
+holds at once share a byte budget (`BodyBudget`), so concurrent uploads cannot pile up in
+memory; a refusal is an `ApiError` (status, short code, readable reason) that the app turns
+into a JSON 4xx (429 when the replica is full: retry later).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
+
+from xray_ray.images.bounds import ImageDecodeError  # noqa: I001
 
 RAW_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/tiff", "image/bmp",
                                "application/dicom", "application/octet-stream"})
@@ -23,29 +28,68 @@ class ApiError(Exception):
         self.status, self.error, self.reason = status, error, reason
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes (declared or streamed)."""
+class BodyBudget:
+    """Bytes of request bodies one replica holds at once; a request that would pass it is refused (429)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Share]:
+        """One request's share of the budget, given back when the request is done."""
+        share = Share(self)
+        try:
+            yield share
+        finally:
+            self.used -= share.held
+
+
+class Share:
+    """The bytes one request holds of a `BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.held = budget, 0
+
+    def take(self, size: int) -> None:
+        if self.budget.used + size > self.budget.limit:
+            raise ApiError(429, "busy", "the service holds as many uploads as its memory budget allows; "
+                                        "retry in a moment")
+        self.budget.used += size
+        self.held += size
+
+
+def unusable(err: Exception) -> ApiError:
+    """The 422 for bytes that failed to decode or preprocess: the decoder's reason code, or
+    `internal_error:<type>` for anything unexpected (still this image's problem, never a 500)."""
+    if isinstance(err, ImageDecodeError):
+        return ApiError(422, err.code, err.reason)
+    return ApiError(422, f"internal_error:{type(err).__name__}", "the image could not be decoded or preprocessed")
+
+
+async def read_body(request: Request, limit: int, share: Share) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (declared or streamed), or with
+    429 when the replica's body budget cannot hold it (every byte read is taken from `share`)."""
     too_large = ApiError(413, "body_too_large", f"the request body exceeds the limit of {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+        share.take(len(chunk))
+        body += chunk
+    return bytes(body)
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def uploaded_files(request: Request, limit: int, max_files: int) -> list[tuple[str, bytes]]:
+async def uploaded_files(request: Request, limit: int, max_files: int, share: Share) -> list[tuple[str, bytes]]:
     """(name, bytes) of each upload, in order: multipart file fields, or one raw image body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, share)
     if content_type in RAW_CONTENT_TYPES:
         return [("body", body)]
     if content_type != "multipart/form-data":
@@ -57,6 +101,8 @@ async def uploaded_files(request: Request, limit: int, max_files: int) -> list[t
                                      max_part_size=limit).parse()
     except MultiPartException as err:
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {err.message}") from err
+    except Exception as err:  # whatever else a hostile body makes the parser raise is still a bad body
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({type(err).__name__})") from err
     files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
              if not isinstance(value, str)]
     if not files:

@@ -1,15 +1,34 @@
-"""How the Serve application serves: `ServeSettings` (the Serve config's `args`) and the bearer token."""
+"""How the Serve application serves: `ServeSettings` (the Serve config's `args`), its memory budget,
+the bearer token, and the refusal to expose an unguarded endpoint.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray_ray.model_folder.card import CARD_FILE
+from xray_ray.images.decode import MAX_PIXELS
+from xray_ray.model_folder.card import CARD_FILE, ModelCard
+from xray_ray.ray_runtime import is_loopback_host
 
 TOKEN_ENV = "XRAY_RAY_SERVE_TOKEN"
 """Environment variable holding the bearer token (a token file is the safer choice)."""
+
+RUNTIME_MB = 1024
+"""A replica before any request: Ray worker, FastAPI, ONNX Runtime or Keras, the model (measured: about
+500 MB on ONNX Runtime; TensorFlow adds several hundred)."""
+
+BODY_COPIES = 3
+"""Copies of a body a request may hold at once: the streamed chunks, the joined body, a multipart part."""
+
+DECODE_BYTES_PER_PIXEL = 16
+"""Peak bytes per pixel while one image at the pixel cap is decoded and preprocessed (16-bit source,
+8-bit copy, float32 working arrays)."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,8 +44,10 @@ class ServeSettings:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_body_mb: float = 64.0
+    max_inflight_mb: float = 256.0  # request bodies one replica holds at once; 503 beyond
     max_batch_files: int = 32
     token_file: str | None = None
+    expect_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_files < 1 or self.num_replicas < 1:
@@ -36,8 +57,26 @@ class ServeSettings:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size "
                              f"({self.max_batch_size}) would keep every batch from filling")
+        if self.max_inflight_mb < self.max_body_mb:
+            raise ValueError(f"max_inflight_mb ({self.max_inflight_mb}) below max_body_mb ({self.max_body_mb}) "
+                             "would refuse the largest accepted body")
         if not (Path(self.model) / CARD_FILE).is_file():
             raise ValueError(f"not an exported model folder (no {CARD_FILE}): {self.model}")
+        if self.expect_version is not None:
+            version = ModelCard.read(self.model).version
+            if version != self.expect_version:
+                raise ValueError(f"{self.model} holds model {version}, not the expected {self.expect_version}")
+
+    @property
+    def decode_slots(self) -> int:
+        """Images one replica decodes at once: its whole CPUs, at least one."""
+        return max(1, math.floor(self.num_cpus))
+
+    def memory_budget_mb(self) -> float:
+        """The most resident memory one replica may reach, whatever the uploads: the runtime, the bodies it
+        may hold, and the images it may decode at once at the pixel cap."""
+        decode_mb = MAX_PIXELS * DECODE_BYTES_PER_PIXEL / 2**20
+        return RUNTIME_MB + BODY_COPIES * self.max_inflight_mb + self.decode_slots * decode_mb
 
 
 def read_token(token_file: str | None) -> str | None:
@@ -48,3 +87,16 @@ def read_token(token_file: str | None) -> str | None:
             raise ValueError(f"token file {token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
+
+
+def check_exposure(host: str, token: str | None, insecure_no_token: bool) -> None:
+    """Refuse to listen beyond loopback without a token (ValueError), unless told to, and then say so loudly."""
+    if token or is_loopback_host(host):
+        return
+    if not insecure_no_token:
+        raise ValueError(f"--host {host} exposes the endpoint to the network: give --token-file (or set "
+                         f"${TOKEN_ENV}), or pass --insecure-no-token to serve without one")
+    log.warning("=" * 72)
+    log.warning("INSECURE: serving on %s WITHOUT A TOKEN. Anyone who can reach this host can send images "
+                "and read the model card. Use --token-file.", host)
+    log.warning("=" * 72)
