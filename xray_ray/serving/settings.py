@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray_ray.images.decode import MAX_PIXELS
+from xray_ray.images.bounds import LIMITS
 from xray_ray.model_folder.card import CARD_FILE, ModelCard
 from xray_ray.ray_runtime import is_loopback_host
 
@@ -75,7 +75,7 @@ class ServeSettings:
     def memory_budget_mb(self) -> float:
         """The most resident memory one replica may reach, whatever the uploads: the runtime, the bodies it
         may hold, and the images it may decode at once at the pixel cap."""
-        decode_mb = MAX_PIXELS * DECODE_BYTES_PER_PIXEL / 2**20
+        decode_mb = LIMITS.max_pixels * DECODE_BYTES_PER_PIXEL / 2**20
         return RUNTIME_MB + BODY_COPIES * self.max_inflight_mb + self.decode_slots * decode_mb
 
 
