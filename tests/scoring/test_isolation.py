@@ -283,3 +283,14 @@ def test_a_damaged_run_file_takes_the_version_from_the_parts(tmp_path):
     assert run_folder(out, "night1", "v2") == out / "night1.2"
     (folder / "run.json").write_text(json.dumps({"model_version": "v1"}))
     assert run_folder(out, "night1", "v1") == folder
+
+
+def test_the_output_folder_is_never_walked_even_through_another_path(tmp_path):
+    """--out inside the archive is skipped by resolved path and by inode, also when reached through a link."""
+    archive_root = tmp_path / "archive"
+    write_good_files(archive_root)
+    out = archive_root / "scores"
+    write_good_files(out / "report")
+    (archive_root / "link_to_scores").symlink_to(out)
+    found = [f.path for f in archive.walk(archive_root, exclude=[archive_root / "link_to_scores"])]
+    assert found and not any("/scores/" in p or "/link_to_scores/" in p for p in found)
