@@ -47,8 +47,13 @@ def assert_stops(command: Command, how: str) -> None:
 
 def join(address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """A driver joining the Ray at `address` (with Ray's loopback mode on, so only the token decides)."""
-    return subprocess.run([sys.executable, "-c", JOIN, address], env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-                          capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", JOIN, address]
+    try:
+        return subprocess.run(command, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                              capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as err:  # a refused driver may keep retrying: refused all the same
+        output = [b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (err.stdout, err.stderr)]
+        return subprocess.CompletedProcess(command, -9, *output)
 
 
 def assert_refuses_a_driver_without_the_token(address: str, token_file: Path | None = None) -> None:

@@ -107,7 +107,7 @@ def test_explain_array_for_an_asked_class_equals_the_library_map(served, compact
     ("?format=jpeg", None, 400, "bad_format"),
     ("?class=Pneumothorax", None, 400, "unknown_class"),
     ("", b"", 400, "empty_body"),
-    ("", b"not an image at all" * 10, 422, "unusable_image"),
+    ("", b"not an image at all" * 10, 422, "not_an_image"),
     ("", b"\x89PNG" + b"\0" * (2**20 + 10), 413, "body_too_large"),
 ])
 def test_explain_refuses_bad_requests_with_a_reason_and_keeps_serving(served, phantom_root, query, body, status,

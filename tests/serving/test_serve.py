@@ -209,7 +209,7 @@ def test_32_concurrent_worst_case_uploads_stay_within_the_memory_budget(served, 
     ("text/plain", b"/etc/passwd", 415, "unsupported_content_type"),  # a server-side path is just bad content
     ("application/json", b'{"path": "/etc/passwd"}', 415, "unsupported_content_type"),
     ("", b"\x89PNG", 415, "unsupported_content_type"),
-    ("application/octet-stream", b"/etc/passwd", 422, "unusable_image"),
+    ("application/octet-stream", b"/etc/passwd", 422, "not_an_image"),
     ("multipart/form-data; boundary=xyz", b"--xyz\r\nnot a part", 400, "bad_multipart"),
     ("application/octet-stream", b"\0" * int(MAX_BODY_MB * 2**20 + 1), 413, "body_too_large"),
 ])
