@@ -27,7 +27,7 @@ from xray_ray.model_folder.export import build_card, export_model
 from xray_ray.reports.metrics import evaluate_files
 from xray_ray.reports.training import write_training_report
 from xray_ray.training import data
-from xray_ray.training.network import build_model, refresh_batchnorm
+from xray_ray.training.network import build_model, refresh_batchnorm, resolve_weights
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -124,10 +124,11 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
         model = build_model(config.model, config.data.image_size, config.data.seed)
     timer = _epoch_timer()
     under_tune = tune_metrics is not None
-    callbacks = [lra, timer] + ([_tune_reporter(lra, tune_metrics)] if under_tune else [])
+    callbacks = [_refresh_before_validation(training, config), lra, timer]
+    callbacks += [_tune_reporter(lra, tune_metrics)] if under_tune else []
     batch = config.data.batch_size
     model.fit(
-        data.to_tf(training.train, batch, training=True, seed=config.data.seed),
+        data.to_tf(training.train, batch, training=True, seed=config.data.seed, first_epoch=initial_epoch),
         validation_data=data.to_tf(training.valid, batch, training=False),
         epochs=last_epoch,
         initial_epoch=initial_epoch,
@@ -141,15 +142,35 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
                        time.perf_counter() - started, timer.seconds)
 
 
-def refresh_statistics(model, training: TrainingData, config: Config) -> int:
+def refresh_statistics(model, training: TrainingData, config: Config, max_batches: int | None = None) -> int:
     """After training from scratch, re-estimate BatchNorm statistics on the training images
-    (model.refresh_batchnorm); returns the batches used (0 with pretrained weights, whose
-    backbone statistics stay frozen)."""
+    (network.refresh_batchnorm, up to `max_batches`, default train.bn_refresh_batches); returns
+    the batches used (0 with pretrained weights, whose backbone statistics stay frozen)."""
     if config.model.weights != "none":
         return 0
     size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
     plain = (x for x, _ in data.to_tf(training.train, size, training=False))
-    return refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    return refresh_batchnorm(model, plain, config.train.bn_refresh_batches if max_batches is None else max_batches)
+
+
+def _refresh_before_validation(training: TrainingData, config: Config):
+    """A Keras callback re-estimating BatchNorm statistics right before fit's validation pass.
+
+    Keras validates inside `fit`, in inference mode, on the moving averages; trained from
+    scratch those lag the weights by many steps, so validation (and with it the LRA after its
+    threshold, Tune's ranking and ASHA's cuts) judged a model nobody would export: the
+    demo's trials read exactly chance for their first epochs. `fit` calls `on_test_begin`
+    of its callbacks before the validation batches, so the statistics are refreshed there
+    on `train.validation_bn_refresh_batches` training batches (0: validate on the moving
+    averages as Keras does). The best weights the LRA keeps then carry matching statistics.
+    """
+    import keras
+
+    class RefreshBeforeValidation(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            refresh_statistics(self.model, training, config, config.train.validation_bn_refresh_batches)
+
+    return RefreshBeforeValidation()
 
 
 def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
@@ -205,6 +226,7 @@ def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, repor
     out = Path(out)
     if out.exists() and not overwrite:  # fail before an hour of training, not after
         raise FileExistsError(f"{out} already exists: choose another name or pass --overwrite")
+    resolve_weights(config.model)  # likewise: a missing weights file, before the data is prepared
     training = prepare_training_data(frame, config)
     return export_and_evaluate(fit(training, config), training, frame, config, out, report_dir, overwrite)
 
