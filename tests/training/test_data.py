@@ -168,7 +168,7 @@ def _epoch_order(pipeline) -> list[bytes]:
 
 
 def test_training_order_is_new_every_epoch_and_repeats_with_the_seed(phantom_split):
-    ds = data.load_images(data._blocks(phantom_split.train), size=32).materialize()
+    ds = data.load_images(data.row_blocks(phantom_split.train), size=32).materialize()
     pipeline = data.to_tf(ds, 4, training=True, seed=7)
     epochs = [_epoch_order(pipeline) for _ in range(3)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]), "every image once per epoch"

@@ -160,7 +160,7 @@ def load_images(ds, size: int):
     return ds.map_batches(_load_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=32)
 
 
-def _blocks(frame: pd.DataFrame):
+def row_blocks(frame: pd.DataFrame):
     """A Ray Dataset of `frame` in blocks of BLOCK_ROWS rows: the unit the per-epoch shuffle reorders."""
     import ray
 
@@ -179,15 +179,15 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
     if balance == "undersample":
         # The kept index rows (paths and labels, not images) come back to the driver to be put in
         # one seeded order: class by class, by path, as `undersample_frame` returns them.
-        kept = undersample(_blocks(split.train), seed).to_pandas()
+        kept = undersample(row_blocks(split.train), seed).to_pandas()
         rank = kept["label"].map(CLASS_NAMES.index)
         train = kept.assign(_rank=rank).sort_values(["_rank", "path"]).drop(columns="_rank")
     # The split keeps rows sorted by path, which groups them by class, and the per-epoch shuffle
     # reorders blocks and mixes neighbours: one seeded permutation first makes every block hold
     # every class, so no batch sees one class alone.
     train = train.sample(frac=1.0, random_state=seed, ignore_index=True)
-    datasets = {"train": _blocks(train)}
-    datasets.update({name: _blocks(split.part(name)) for name in ("valid", "test")})
+    datasets = {"train": row_blocks(train)}
+    datasets.update({name: row_blocks(split.part(name)) for name in ("valid", "test")})
     return datasets, split
 
 
