@@ -42,7 +42,7 @@ def timed(run, repeats: int) -> tuple[list[float], pd.DataFrame]:
 
 
 def on_ray(frame: pd.DataFrame, seed: int, default_shuffle: bool = False) -> pd.DataFrame:
-    ds = data.row_blocks(frame)
+    ds = ray.data.from_pandas(frame)  # index rows: one block, as training.data.prepare does
     if default_shuffle:  # what Ray Data does unless told otherwise: hash shuffle, 200 partitions
         kept = ds.groupby("label").map_groups(data._keep_batch, fn_kwargs={
             "keep": min(data.class_counts(frame).values()), "seed": seed}, batch_format="pandas")

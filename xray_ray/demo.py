@@ -173,7 +173,8 @@ def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Pat
         with stages("serve", "serve the best model with Ray Serve and ask it over HTTP"):
             port = free_port()
             start_serving(ServeSettings(model=str(model), num_cpus=1), port=port)
-            samples = sorted(archive.glob("*/images/*.png"))[:: max(1, options.archive_per_class)][:4]
+            images = sorted(archive.glob("*/images/*.png")) or sorted(archive.glob("*/*.png"))  # either layout
+            samples = images[:: max(1, len(images) // 4)][:4]  # one per class folder
             answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
             serve.shutdown()
     finally:

@@ -174,12 +174,14 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
     `balance`: `undersample` cuts the training classes to the smallest (on Ray Data);
     `class_weights` and `none` keep every training row.
     """
+    import ray
+
     split = split_index(frame, fractions, seed)
     train = split.train
     if balance == "undersample":
         # The kept index rows (paths and labels, not images) come back to the driver to be put in
         # one seeded order: class by class, by path, as `undersample_frame` returns them.
-        kept = undersample(row_blocks(split.train), seed).to_pandas()
+        kept = undersample(ray.data.from_pandas(split.train), seed).to_pandas()  # index rows: one block
         rank = kept["label"].map(CLASS_NAMES.index)
         train = kept.assign(_rank=rank).sort_values(["_rank", "path"]).drop(columns="_rank")
     # The split keeps rows sorted by path, which groups them by class, and the per-epoch shuffle

@@ -142,15 +142,19 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
                        time.perf_counter() - started, timer.seconds)
 
 
-def refresh_statistics(model, training: TrainingData, config: Config, max_batches: int | None = None) -> int:
+def _plain_training_images(training: TrainingData, config: Config):
+    """Training images without augmentation, in batches of at least train.bn_refresh_batch_size."""
+    size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
+    return (x for x, _ in data.to_tf(training.train, size, training=False))
+
+
+def refresh_statistics(model, training: TrainingData, config: Config) -> int:
     """After training from scratch, re-estimate BatchNorm statistics on the training images
-    (network.refresh_batchnorm, up to `max_batches`, default train.bn_refresh_batches); returns
-    the batches used (0 with pretrained weights, whose backbone statistics stay frozen)."""
+    (network.refresh_batchnorm, up to train.bn_refresh_batches); returns the batches used (0
+    with pretrained weights, whose backbone statistics stay frozen)."""
     if config.model.weights != "none":
         return 0
-    size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
-    plain = (x for x, _ in data.to_tf(training.train, size, training=False))
-    return refresh_batchnorm(model, plain, config.train.bn_refresh_batches if max_batches is None else max_batches)
+    return refresh_batchnorm(model, _plain_training_images(training, config), config.train.bn_refresh_batches)
 
 
 def _refresh_before_validation(training: TrainingData, config: Config):
@@ -162,13 +166,24 @@ def _refresh_before_validation(training: TrainingData, config: Config):
     demo's trials read exactly chance for their first epochs. `fit` calls `on_test_begin`
     of its callbacks before the validation batches, so the statistics are refreshed there
     on `train.validation_bn_refresh_batches` training batches (0: validate on the moving
-    averages as Keras does). The best weights the LRA keeps then carry matching statistics.
+    averages as Keras does), read once and kept (as uint8) so an epoch costs no extra pass
+    over the data. The best weights the LRA keeps then carry matching statistics.
     """
     import keras
+    import numpy as np
+
+    wanted = config.train.validation_bn_refresh_batches if config.model.weights == "none" else 0
 
     class RefreshBeforeValidation(keras.callbacks.Callback):
+        batches: list | None = None
+
         def on_test_begin(self, logs=None):
-            refresh_statistics(self.model, training, config, config.train.validation_bn_refresh_batches)
+            if not wanted:
+                return
+            if self.batches is None:
+                images = _plain_training_images(training, config)
+                self.batches = [np.asarray(x, np.uint8) for _, x in zip(range(wanted), images)]
+            refresh_batchnorm(self.model, (batch.astype(np.float32) for batch in self.batches), wanted)
 
     return RefreshBeforeValidation()
 
