@@ -23,7 +23,7 @@ import pytest
 
 from xray_ray.processes import free_port, stop_process_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root (this file is tests/tuning/test_tune.py)
 BIN = Path(sys.executable).parent  # the venv's bin: its python, ray
 CI_CONFIG = "configs/tune_ci.yaml"
 
