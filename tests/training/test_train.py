@@ -114,7 +114,8 @@ def test_backbone_learns_from_scratch_and_refreshed_inference_matches_batch_stat
     )
     from xray_ray.training.run import fit, prepare_training_data
 
-    config = load_config(config_file, [*overrides, "train.bn_refresh_batches=0"])
+    # No refresh during or after fit (validation's included): the statistics must lag before the refresh below.
+    config = load_config(config_file, [*overrides, "train.bn_refresh_batches=0", "train.validation_bn_refresh_batches=0"])
     training = prepare_training_data(learn_index.groupby("label").head(per_class), config)
     model = fit(training, config).model
     rows = training.train.to_pandas()
