@@ -49,7 +49,9 @@ def _accuracy(probabilities: np.ndarray, y: np.ndarray) -> float:
 
 
 def learning_run(frame, backbone: str, epochs: int | None) -> dict:
-    config = load_config(LEARNING[backbone], ["train.bn_refresh_batches=0", *([f"lra.epochs={epochs}"] if epochs else [])])
+    # No refresh during or after fit: the figures compare inference before and after one.
+    config = load_config(LEARNING[backbone], ["train.bn_refresh_batches=0", "train.validation_bn_refresh_batches=0",
+                                              *([f"lra.epochs={epochs}"] if epochs else [])])
     training = prepare_training_data(frame, config)
     result = fit(training, config)
     model = result.model

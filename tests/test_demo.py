@@ -69,3 +69,33 @@ def test_demo_served_the_best_model_and_refused_the_bad_file(demo_run):
     assert {a["label"] for a in summary["serve_answers"] if a["status"] == 200} <= {
         "COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"}
     assert summary["model_version"] == json.loads((out / "models/best/model_card.json").read_text())["version"]
+
+
+# The real sample (240 X-rays beside the project) through `make demo DATA=... BACKBONE=compact`, smallest setting.
+REAL_SMALLEST = ["--backbone", "compact", "--set", "data.image_size=64", "--set", "tune.num_samples=1",
+                 "--set", "lra.epochs=1", "--set", "tune.grace_period=1", "--set", "tune.cpus_per_trial=1"]
+
+
+def _demo(out: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "xray_ray.cli", "demo", "--out", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+
+
+def test_demo_on_the_real_sample_scores_it_against_its_class_folders(real_root, tmp_path):
+    done = _demo(tmp_path / "real", "--data", str(real_root), *REAL_SMALLEST)
+    assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-4000:])
+    assert "Headline (real data)" in done.stdout
+    summary = json.loads((tmp_path / "real" / "demo_summary.json").read_text())
+    assert summary["data"] == "real dataset" and 0 <= summary["test_accuracy"] <= 1
+    scored = json.loads((tmp_path / "real" / "scores" / "demo" / "report" / "summary.json").read_text())
+    assert scored["ground_truth"]["n"] == 240  # every image, its class folder as truth
+    assert [a["status"] for a in summary["serve_answers"]].count(200) == 4
+
+
+def test_demo_with_efficientnetb1_and_no_weights_file_fails_before_starting(real_root, tmp_path):
+    done = _demo(tmp_path / "out", "--data", str(real_root), KERAS_HOME=str(tmp_path / "keras"))
+    assert done.returncode != 0
+    assert f"efficientnetb1_notop.h5 in the folder {tmp_path / 'keras' / 'models'}" in done.stdout + done.stderr
+    assert "start a local Ray head" not in done.stdout  # nothing was started

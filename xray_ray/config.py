@@ -103,8 +103,13 @@ class TrainConfig:
     # Images per refresh batch. Averaging per-batch variances underestimates the population's,
     # and more so for small batches, so the refresh uses batches of at least this size.
     bn_refresh_batch_size: int = 64
+    # Batches to re-estimate BatchNorm statistics on before each validation pass when training from
+    # scratch, so validation scores what would be exported (0: Keras's moving averages, which lag).
+    validation_bn_refresh_batches: int = 4
     verbose: int = 0  # Keras fit verbosity; the LRA prints its own line per epoch
 
+
+AUTO = "auto"  # a setting resolved when the job starts (tune.gpus_per_trial)
 
 METRICS = {"val_accuracy": "max", "val_loss": "min"}
 
@@ -135,7 +140,9 @@ class TuneConfig:
     grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    # A number, or `auto`: 1 when the Ray cluster has GPUs when the experiment starts, else 0 (CPU only;
+    # logged). An autoscaling cluster whose GPU nodes start on demand needs an explicit 1.
+    gpus_per_trial: float | str = field(default=0.0, metadata={"words": (AUTO,)})
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
     reuse_actors: bool = True  # a finished trial's process runs the next one: TensorFlow is imported once per process
     storage_path: str = "tune_results"  # local folder (relative: under the working folder), shared path or s3://
@@ -157,8 +164,8 @@ class TuneConfig:
             setattr(self, key, [low, high])
         if self.num_samples < 1 or self.keep_checkpoints < 1 or self.max_failures < 0 or self.cpus_per_trial <= 0:
             raise ValueError("tune.num_samples and keep_checkpoints must be >= 1, max_failures >= 0, cpus_per_trial > 0")
-        if self.gpus_per_trial < 0 or self.max_concurrent_trials < 0 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError("tune.gpus_per_trial and max_concurrent_trials must be >= 0, grace_period >= 1, "
+        if self.gpus_per_trial != AUTO and self.gpus_per_trial < 0 or self.max_concurrent_trials < 0 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("tune.gpus_per_trial (or auto) and max_concurrent_trials must be >= 0, grace_period >= 1, "
                              "reduction_factor >= 2")
 
     @property
@@ -191,9 +198,10 @@ def _coerce(value: str) -> Any:
         return yaml.safe_load(value)
 
 
-def _typed(default: Any, value: Any, name: str) -> Any:
-    """`value` converted to the type of the setting's default (YAML reads `1e-5` as text)."""
-    if isinstance(default, bool) or default is None or isinstance(value, type(default)):
+def _typed(default: Any, value: Any, name: str, words: tuple = ()) -> Any:
+    """`value` converted to the type of the setting's default (YAML reads `1e-5` as text);
+    `words` are the setting's accepted non-numbers (such as `auto`), kept as they are."""
+    if value in words or isinstance(default, bool) or default is None or isinstance(value, type(default)):
         return value
     if isinstance(default, (int, float)) and not isinstance(value, bool):
         try:
@@ -230,7 +238,7 @@ def _build(cls: type, values: dict, where: str) -> Any:
                 raise ValueError(f"{where}{name} must be a section, got {value!r}")
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         else:
-            kwargs[name] = _typed(default, value, f"{where}{name}")
+            kwargs[name] = _typed(default, value, f"{where}{name}", spec.metadata.get("words", ()))
     return cls(**kwargs)
 
 

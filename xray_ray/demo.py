@@ -27,6 +27,7 @@ import httpx  # noqa: E402 - every import below comes after the setting above: t
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from xray_ray.config import load_config  # noqa: E402
 from xray_ray.images.index import build_index, save_index  # noqa: E402
 from xray_ray.images.synth import SYNTHETIC_NOTE, write_dataset  # noqa: E402
 from xray_ray.processes import free_port, sigterm_as_interrupt, stop_signals_ignored  # noqa: E402
@@ -34,6 +35,7 @@ from xray_ray.ray_runtime import LocalHead, ensure_ray  # noqa: E402
 from xray_ray.reports.tables import write_json  # noqa: E402
 from xray_ray.serving.app import start as start_serving  # noqa: E402
 from xray_ray.serving.settings import ServeSettings  # noqa: E402
+from xray_ray.training.network import WeightsUnavailableError, resolve_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CONFIG = "configs/tune_demo.yaml"
@@ -112,6 +114,13 @@ def ask_serve(url: str, files: list[Path]) -> list[dict]:
     return answers
 
 
+def tuning_settings(options: DemoOptions, synthetic: bool, backbone: str) -> tuple[str, list[str]]:
+    """The tuning config file and the `--set` overrides the demo passes to the tune job: the
+    compact CNN has no pretrained weights, so it trains from scratch."""
+    overrides = [f"model.backbone={backbone}", *(["model.weights=none"] if backbone == "compact" else [])]
+    return SYNTHETIC_CONFIG if synthetic else REAL_CONFIG, [*overrides, *options.tune_overrides]
+
+
 def run_demo(options: DemoOptions) -> dict:
     """Run every stage; returns the headline figures and the report paths (also saved as demo_summary.json)."""
     out = options.out.resolve()
@@ -126,6 +135,11 @@ def run_demo(options: DemoOptions) -> dict:
         " (a small CNN: without ImageNet weights EfficientNetB1 does not learn from scratch in a CPU demo's "
         "budget, and a demo stuck at chance shows nothing; `make demo BACKBONE=efficientnetb1` runs it anyway)"
         if backbone == "compact" else ""))
+    config, overrides = tuning_settings(options, synthetic, backbone)
+    try:  # a missing weights file fails now, in seconds, not once the head is up and the data indexed
+        resolve_weights(load_config(REPO / config, overrides).model)
+    except WeightsUnavailableError as err:
+        raise DemoError(str(err)) from None
     if synthetic:
         with stages("synthesize", f"synthesize {options.per_class} phantoms per class in {root}"):
             write_dataset(root, per_class=options.per_class, size=options.image_size, seed=0)
@@ -149,8 +163,7 @@ def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Pat
             frame, _ = build_index(root)
             save_index(frame, out / "index.parquet")
             print(f"    {len(frame)} files, {int((~frame['readable']).sum())} unreadable")
-        config = SYNTHETIC_CONFIG if synthetic else REAL_CONFIG
-        overrides = [f"model.backbone={backbone}", *options.tune_overrides]
+        config, overrides = tuning_settings(options, synthetic, backbone)
         with stages("tune", f"tune with `ray job submit ... jobs/tune.py --config {config}`"):
             submit(head.dashboard, "tune.py", [
                 "--config", config, *[arg for o in overrides for arg in ("--set", o)],
@@ -162,7 +175,8 @@ def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Pat
         with stages("serve", "serve the best model with Ray Serve and ask it over HTTP"):
             port = free_port()
             start_serving(ServeSettings(model=str(model), num_cpus=1), port=port)
-            samples = sorted(archive.glob("*/images/*.png"))[:: max(1, options.archive_per_class)][:4]
+            images = sorted(archive.glob("*/images/*.png")) or sorted(archive.glob("*/*.png"))  # either layout
+            samples = images[:: max(1, len(images) // 4)][:4]  # one per class folder
             answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
             serve.shutdown()
     finally:

@@ -88,7 +88,7 @@ def test_training_report_writes_every_file(tmp_path, evaluation):
     folder = tmp_path / "run"
     assert index == folder / "index.html"
     names = {p.name for p in folder.iterdir()}
-    assert names == {"index.html", "confusion_matrix.png", "training_curves.png",
+    assert names == {"index.html", "confusion_matrix.png", "training_curves.png", "errors_by_class.png",
                      "classification_report.txt", "classification_report.csv", "classification_report.json"}
     assert json.loads((folder / "classification_report.json").read_text()) == json.loads(json.dumps(evaluation.as_dict()))
     table = pd.read_csv(folder / "classification_report.csv")
@@ -97,10 +97,11 @@ def test_training_report_writes_every_file(tmp_path, evaluation):
     assert "Accuracy:" in (folder / "classification_report.txt").read_text()
     assert_png(folder / "confusion_matrix.png")
     assert_png(folder / "training_curves.png", min_width=800)
+    assert_png(folder / "errors_by_class.png")
 
     html_text = index.read_text(encoding="utf-8")
     refs, text = parse_html(index)
-    for heading in ("Summary", "Results by class", "Confusion matrix", "Training progress", "Run details",
+    for heading in ("Summary", "Results by class", "Confusion matrix", "Errors by class", "Training progress", "Run details",
                     "Configuration", "Files", "Training <report>", "synthetic phantoms, not real X-rays"):
         assert heading in text
     assert "<report>" not in html_text  # the title is escaped

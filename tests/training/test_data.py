@@ -73,12 +73,25 @@ def test_class_weights_are_inverse_frequency():
 
 def test_undersampling_equalises_classes_deterministically():
     frame = data.split_index(fake_index()).train
-    first, again = data.undersample(frame, 3), data.undersample(frame.sample(frac=1, random_state=2), 3)
+    first, again = data.undersample_frame(frame, 3), data.undersample_frame(frame.sample(frac=1, random_state=2), 3)
     smallest = min(data.class_counts(frame).values())
     assert data.class_counts(first) == {label: smallest for label in CLASS_NAMES}
     assert first["path"].tolist() == again["path"].tolist()
-    assert sorted(data.undersample(frame, 4)["path"]) != sorted(first["path"])
+    assert sorted(data.undersample_frame(frame, 4)["path"]) != sorted(first["path"])
     assert set(first["path"]) <= set(frame["path"])
+
+
+def test_undersampling_on_ray_data_keeps_the_same_rows_as_pandas(ray_local):
+    import ray
+
+    frame = data.split_index(fake_index()).train
+    for seed in (3, 4):
+        reference = data.undersample_frame(frame, seed)
+        rows = frame.sample(frac=1, random_state=seed)
+        shuffled = ray.data.from_pandas([rows.iloc[i::5] for i in range(5)])  # any order, several blocks
+        kept = data.undersample(shuffled, seed).to_pandas()
+        assert data.class_counts(kept) == data.class_counts(reference)
+        assert sorted(kept["path"]) == sorted(reference["path"])
 
 
 def test_prepare_balances_only_training(ray_local):
@@ -91,14 +104,17 @@ def test_prepare_balances_only_training(ray_local):
 
 
 def test_training_rows_mix_the_classes_in_a_fixed_order(ray_local):
-    """The index is sorted by path (so by class); batches cut from it must still mix the classes."""
-    def train_labels():
+    """The index is sorted by path (so by class); batches cut from it must still mix the classes,
+    and the balanced rows come in the order the driver-side undersampling gives them."""
+    def train_rows():
         datasets, _ = data.prepare(fake_index(), (0.9, 0.05, 0.05), 123, "undersample")
-        return datasets["train"].to_pandas()["label"].tolist()
+        return datasets["train"].to_pandas()
 
-    labels = train_labels()
+    labels = train_rows()["label"].tolist()
     assert all(len(set(labels[i:i + 16])) >= 3 for i in range(0, len(labels) - 16, 16))
-    assert train_labels() == labels
+    assert train_rows()["label"].tolist() == labels
+    reference = data.undersample_frame(data.split_index(fake_index()).train, 123)
+    assert train_rows()["path"].tolist() == reference.sample(frac=1.0, random_state=123)["path"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +156,26 @@ def test_tf_batches_flip_on_training_only_and_afresh_each_epoch(phantom_split):
     assert len({tuple(epoch) for epoch in epochs}) > 1, "every epoch flipped the same images"
     for x, y in data.to_tf(ds, 8, training=False).take(1):
         assert x.dtype.name == "float32" and x.shape[1:] == (64, 64, 3) and y.shape[1:] == (4,)
+
+
+def _epoch_order(pipeline) -> list[bytes]:
+    """One pass over a training pipeline as image identities (an image and its mirror count as one)."""
+    seen = []
+    for x, _ in pipeline:
+        for img in x.numpy().astype(np.uint8):
+            seen.append(min(bytes(img), bytes(img[:, ::-1].copy())))
+    return seen
+
+
+def test_training_order_is_new_every_epoch_and_repeats_with_the_seed(phantom_split):
+    ds = data.load_images(data.row_blocks(phantom_split.train), size=32).materialize()
+    pipeline = data.to_tf(ds, 4, training=True, seed=7)
+    epochs = [_epoch_order(pipeline) for _ in range(3)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]), "every image once per epoch"
+    assert epochs[0] != epochs[1] != epochs[2], "two epochs saw the same order"
+    again = data.to_tf(ds, 4, training=True, seed=7)
+    assert [_epoch_order(again) for _ in range(3)] == epochs
+    assert _epoch_order(data.to_tf(ds, 4, training=True, seed=7, first_epoch=2)) == epochs[2], "resume continues"
+    assert _epoch_order(data.to_tf(ds, 4, training=True, seed=8)) != epochs[0]
+    plain = data.to_tf(ds, 4, training=False)
+    assert _epoch_order(plain) == _epoch_order(plain), "evaluation keeps one order"

@@ -23,7 +23,7 @@ import pytest
 
 from xray_ray.processes import free_port, stop_process_group
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the repository root
 BIN = Path(sys.executable).parent  # the venv's bin: its python, ray
 CI_CONFIG = "configs/tune_ci.yaml"
 
@@ -79,12 +79,12 @@ def test_tune_settings_from_yaml_and_overrides():
     assert settings.l2 == [1e-3, 1e-2] and settings.mode == "max" and settings.score == "best_val_accuracy"
     space = search_space(settings)
     assert set(space) == {"model.dropout", "model.l2", "lra.factor", "lra.patience"}
-    assert isinstance(space["model.dropout"], Float) and (space["model.dropout"].lower, space["model.dropout"].upper) == (0.2, 0.6)
+    assert isinstance(space["model.dropout"], Float) and (space["model.dropout"].lower, space["model.dropout"].upper) == (0.2, 0.5)
     assert isinstance(space["model.l2"].sampler, Float._LogUniform)
     assert isinstance(space["lra.patience"], Integer) and (space["lra.patience"].lower, space["lra.patience"].upper) == (1, 4)
-    # the origin's defaults come first
-    assert first_point(config, settings) == {"model.dropout": 0.45, "model.l2": 1e-2, "lra.factor": 0.5, "lra.patience": 1}
-    _, fixed = load_experiment_config(None, ["tune.dropout=[0.3, 0.3]", "tune.metric=val_loss"])
+    # the base config's values come first (its l2, 1e-4, clipped to the overridden bounds)
+    assert first_point(config, settings) == {"model.dropout": 0.45, "model.l2": 1e-3, "lra.factor": 0.5, "lra.patience": 2}
+    _, fixed = load_experiment_config(None, ["model.weights=none", "tune.dropout=[0.3, 0.3]", "tune.metric=val_loss"])
     assert search_space(fixed)["model.dropout"] == 0.3 and fixed.mode == "min"
 
 
@@ -96,7 +96,23 @@ def test_bad_tune_settings_are_refused_with_their_name(override, message):
     from xray_ray.tuning.experiment import load_experiment_config
 
     with pytest.raises(ValueError, match=message):
-        load_experiment_config(None, [override])
+        load_experiment_config(None, ["model.weights=none", override])
+
+
+def test_gpus_per_trial_auto_follows_the_cluster(monkeypatch, caplog):
+    import ray
+
+    from xray_ray.tuning.experiment import gpus_per_trial, load_experiment_config
+
+    _, settings = load_experiment_config(None, ["model.weights=none", "tune.gpus_per_trial=auto"])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with caplog.at_level("WARNING"):
+        assert gpus_per_trial(settings) == 0
+    assert "no GPU" in caplog.text and "trains on CPU" in caplog.text
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert gpus_per_trial(settings) == 1
+    _, fixed = load_experiment_config(None, ["model.weights=none", "tune.gpus_per_trial=0.5"])
+    assert gpus_per_trial(fixed) == 0.5
 
 
 def test_existing_experiment_model_or_missing_resume_are_refused_before_any_work(tmp_path):

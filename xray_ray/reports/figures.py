@@ -1,4 +1,4 @@
-"""Report figures: confusion matrix, training curves, histograms, several curves on one axes.
+"""Report figures: confusion matrix, errors by class, training curves, histograms, several curves on one axes.
 
 Drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global
 backend switch, safe in Ray workers without a display. PNGs are written atomically.
@@ -43,6 +43,28 @@ def plot_confusion_matrix(path: str | Path, confusion, class_names: Iterable[str
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="Predicted class", ylabel="True class", title=title)
     fig.colorbar(image, ax=ax, shrink=0.8, label="Share of the true class")
+    return _save(fig, path)
+
+
+def plot_errors_by_class(path: str | Path, errors_by_class: Mapping[str, int], support: Mapping[str, int],
+                         title: str) -> Path:
+    """The origin's "errors by class" bar chart: misclassified images per true class, labelled with
+    the count out of the class's images and the share it is."""
+    names = list(errors_by_class)
+    errors = np.array([errors_by_class[name] for name in names])
+    totals = np.array([support.get(name, 0) for name in names])
+    fig = Figure(figsize=(7, 0.6 * len(names) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh(range(len(names)), errors, color="tab:red")
+    for i, (wrong, total) in enumerate(zip(errors, totals)):
+        share = f" ({wrong / total:.0%})" if total else ""
+        ax.text(wrong, i, f" {wrong} of {total}{share}", va="center", fontsize=9)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()  # classes top to bottom in their usual order
+    ax.set_xlim(0, max(1, errors.max(initial=0)) * 1.35)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set(xlabel="Misclassified images", ylabel="True class", title=title)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""The report of one training run: test metrics, confusion matrix, training curves, configuration."""
+"""The report of one training run: test metrics, confusion matrix, errors by class, training curves, configuration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 
 from xray_ray.config import flatten
-from xray_ray.reports.figures import plot_confusion_matrix, plot_reliability, plot_training_curves
+from xray_ray.reports.figures import plot_confusion_matrix, plot_errors_by_class, plot_reliability, plot_training_curves
 from xray_ray.reports.html import Image, KeyValues, Links, Metrics, Section, Table, Text, write_html
 from xray_ray.reports.metrics import Evaluation
 from xray_ray.reports.tables import class_rows, write_classification_report
@@ -25,6 +25,9 @@ def write_training_report(folder: str | Path, *, title: str, evaluation: Evaluat
     files = write_classification_report(folder, evaluation)
     plot_confusion_matrix(folder / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
                           f"Confusion matrix ({evaluation.n} images)")
+    support = {name: int(evaluation.confusion[i].sum()) for i, name in enumerate(evaluation.class_names)}
+    plot_errors_by_class(folder / "errors_by_class.png", evaluation.errors_by_class, support,
+                         f"Errors by class ({evaluation.n - int(np.trace(evaluation.confusion))} of {evaluation.n} images)")
     plot_training_curves(folder / "training_curves.png", epochs, "Training progress", best_epoch)
     correct = int(np.trace(evaluation.confusion))
     sections = [
@@ -46,6 +49,10 @@ def write_training_report(folder: str | Path, *, title: str, evaluation: Evaluat
                   "Rows are the true class, columns the model's answer; the diagonal holds the correct answers. "
                   "Colour shows the share of each true class."),
         ]),
+        Section("Errors by class", [
+            Image("errors_by_class.png", "Misclassified images per true class",
+                  "For each true class, how many of its images the model put in another class."),
+        ]),
         Section("Training progress", [
             Image("training_curves.png", "Loss and accuracy per epoch, training and validation",
                   "The green line and star mark the best epoch (the weights kept); "
@@ -62,6 +69,7 @@ def write_training_report(folder: str | Path, *, title: str, evaluation: Evaluat
     sections.append(Section("Files", [Links({
         "Classification report (text)": files["txt"].name, "Classification report (CSV)": files["csv"].name,
         "Classification report (JSON)": files["json"].name, "Confusion matrix (PNG)": "confusion_matrix.png",
+        "Errors by class (PNG)": "errors_by_class.png",
         "Training curves (PNG)": "training_curves.png"})]))
     return write_html(folder / "index.html", title, sections, note)
 

@@ -2,12 +2,13 @@
 
 The split is a pure function of the index's content and the seed, and keeps every copy
 of an image (same sha256) in one split, so duplicates cannot leak from train into test.
-Image loading runs on Ray Data, so the same code scales from a laptop to a cluster;
-TensorFlow only sees the final batches.
+Undersampling and image loading run on Ray Data, so the same code scales from a laptop to a
+cluster; TensorFlow only sees the final batches, in a new seeded order every epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from xray_ray.images.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+BLOCK_ROWS = 32  # rows per Ray Data block of training data: what the per-epoch shuffle reorders
 
 
 @dataclass
@@ -88,22 +90,47 @@ def class_weights(frame: pd.DataFrame) -> dict[int, float]:
     return {i: (total / (present * counts[label]) if counts[label] else 0.0) for i, label in enumerate(CLASS_NAMES)}
 
 
-def undersample(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """Cut every class to the smallest class's count; the same rows for the same seed and index.
+def _keep_of_class(group: pd.DataFrame, label: str, keep: int, seed: int) -> pd.DataFrame:
+    """`keep` rows of one class: a seeded choice among its rows sorted by path (so input order never matters)."""
+    group = group.sort_values("path")
+    rng = np.random.default_rng([seed, CLASS_NAMES.index(label)])
+    return group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))]
 
-    This works on index rows (paths and labels, not images), so it runs in the driver
-    in milliseconds even for the full database; a Ray Data groupby shuffle cost about
-    20 s per call on a 2-core machine for the same result. Images are loaded afterwards
-    on Ray Data, from the kept rows only.
-    """
+
+def undersample_frame(frame: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
+    """Undersampling on the driver, in pandas: the reference `undersample` must equal (tests, benchmark)."""
     counts = {label: n for label, n in class_counts(frame).items() if n}
     keep = min(counts.values())
-    parts = []
-    for label in counts:
-        group = frame[frame["label"] == label].sort_values("path")
-        rng = np.random.default_rng([seed, CLASS_NAMES.index(label)])
-        parts.append(group.iloc[np.sort(rng.choice(len(group), size=keep, replace=False))])
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat([_keep_of_class(frame[frame["label"] == label], label, keep, seed) for label in counts],
+                     ignore_index=True)
+
+
+def _count_labels(block: pd.DataFrame) -> pd.DataFrame:
+    return block.groupby("label").size().rename("rows").reset_index()
+
+
+def _keep_batch(group: pd.DataFrame, keep: int, seed: int) -> pd.DataFrame:
+    return _keep_of_class(group, group["label"].iloc[0], keep, seed)
+
+
+def undersample(ds, seed: int = 123):
+    """Cut every class of a Ray Dataset of index rows to the smallest class's count, on Ray Data.
+
+    Exact per-class counts (rows per label counted block by block, then one seeded choice per
+    class group), and the same rows as `undersample_frame` for the same seed and index. The
+    groupby shuffle is sized to the data: one partition per class present, not Ray's default
+    200, and sort-based, since Ray's default (hash shuffle) starts aggregator actors that cost
+    seconds for a few thousand index rows (benchmarks/bench_undersample.py). That setting goes
+    on `ds`'s own copy of Ray Data's settings (`ds.context`). Returns a Dataset of the kept rows.
+    """
+    from ray.data.context import ShuffleStrategy  # Ray is imported late: the split needs only pandas
+
+    per_block = ds.map_batches(_count_labels, batch_format="pandas", batch_size=None).to_pandas()
+    counts = per_block.groupby("label")["rows"].sum()
+    keep = int(counts.min())
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ds.groupby("label", num_partitions=len(counts)).map_groups(
+        _keep_batch, fn_kwargs={"keep": keep, "seed": seed}, batch_format="pandas")
 
 
 def one_hot(labels) -> np.ndarray:
@@ -133,43 +160,71 @@ def load_images(ds, size: int):
     return ds.map_batches(_load_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=32)
 
 
+def row_blocks(frame: pd.DataFrame):
+    """A Ray Dataset of `frame` in blocks of BLOCK_ROWS rows: the unit the per-epoch shuffle reorders."""
+    import ray
+
+    chunks = [frame.iloc[i:i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS)]
+    return ray.data.from_pandas(chunks or [frame])
+
+
 def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
     """Split the index and return Ray Datasets of rows (not yet images) per part, plus the split.
 
-    `balance`: `undersample` cuts the training classes to the smallest; `class_weights`
-    and `none` keep every training row.
+    `balance`: `undersample` cuts the training classes to the smallest (on Ray Data);
+    `class_weights` and `none` keep every training row.
     """
     import ray
 
     split = split_index(frame, fractions, seed)
-    train = undersample(split.train, seed) if balance == "undersample" else split.train
-    # The split keeps rows sorted by path, which groups them by class, and to_tf's shuffle buffer
-    # only mixes neighbours: batches would hold one class each, and BatchNorm and every gradient
-    # step would see one class at a time. One seeded permutation of the rows fixes the order.
+    train = split.train
+    if balance == "undersample":
+        # The kept index rows (paths and labels, not images) come back to the driver to be put in
+        # one seeded order: class by class, by path, as `undersample_frame` returns them.
+        kept = undersample(ray.data.from_pandas(split.train), seed).to_pandas()  # index rows: one block
+        rank = kept["label"].map(CLASS_NAMES.index)
+        train = kept.assign(_rank=rank).sort_values(["_rank", "path"]).drop(columns="_rank")
+    # The split keeps rows sorted by path, which groups them by class, and the per-epoch shuffle
+    # reorders blocks and mixes neighbours: one seeded permutation first makes every block hold
+    # every class, so no batch sees one class alone.
     train = train.sample(frac=1.0, random_state=seed, ignore_index=True)
-    datasets = {"train": ray.data.from_pandas(train)}
-    datasets.update({name: ray.data.from_pandas(split.part(name)) for name in ("valid", "test")})
+    datasets = {"train": row_blocks(train)}
+    datasets.update({name: row_blocks(split.part(name)) for name in ("valid", "test")})
     return datasets, split
 
 
-def to_tf(ds, batch_size: int, training: bool, seed: int = 123):
-    """A tf.data pipeline over a (materialized) image dataset; random horizontal flips on training only.
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch]).integers(2**31))
 
-    The flips come from a Keras layer, whose seed state moves on every epoch; a seeded
-    `tf.image` random op restarts with each pass over the data and flips the same images
-    every epoch, which is no augmentation at all.
+
+def to_tf(ds, batch_size: int, training: bool, seed: int = 123, first_epoch: int = 0):
+    """A tf.data pipeline over a (materialized) image dataset: float32 images and one-hot labels.
+
+    Training pipelines, like the origin's `flow_from_dataframe`, see a new order every epoch:
+    each pass over the pipeline is one epoch, whose order comes from (`seed`, epoch number):
+    the blocks in a seeded random order, then a seeded local shuffle over several batches.
+    Two runs with the same seed see the same orders; a run resumed at `first_epoch` continues
+    the sequence. Training images are also flipped horizontally at random by a Keras layer,
+    whose seed state moves on every epoch (a seeded `tf.image` op would restart with each
+    pass and flip the same images every epoch). Evaluation pipelines keep the stored order.
     """
     import keras
     import tensorflow as tf
 
-    tfds = ds.to_tf(
-        feature_columns="image",
-        label_columns="y",
-        batch_size=batch_size,
-        local_shuffle_buffer_size=4 * batch_size if training else None,
-        local_shuffle_seed=seed if training else None,
-    )
-    # Ray's generator has no known length; stating it lets Keras count steps (and not warn).
+    epochs = itertools.count(first_epoch)
+
+    def batches():
+        source, shuffle = ds, {}
+        if training:
+            epoch_seed = _epoch_seed(seed, next(epochs))
+            source = ds.randomize_block_order(seed=epoch_seed)
+            shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": epoch_seed}
+        for batch in source.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle):
+            yield batch["image"], batch["y"]
+
+    tfds = tf.data.Dataset.from_generator(batches, output_signature=(
+        tf.TensorSpec((None, None, None, 3), tf.uint8), tf.TensorSpec((None, len(CLASS_NAMES)), tf.float32)))
+    # A generator has no known length; stating it lets Keras count steps (and not warn).
     tfds = tfds.apply(tf.data.experimental.assert_cardinality(-(-ds.count() // batch_size)))
     tfds = tfds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     if training:

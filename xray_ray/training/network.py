@@ -9,7 +9,6 @@ Keras is imported inside the functions: importing this module must not start Ten
 from __future__ import annotations
 
 import os
-import urllib.request
 from pathlib import Path
 
 from xray_ray.config import CLASS_NAMES, ModelConfig
@@ -19,19 +18,21 @@ EFFICIENTNET_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/" 
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but are neither cached nor downloadable."""
+    """Pretrained weights were asked for but the file is not where it was asked for."""
 
 
 def keras_weights_cache() -> Path:
-    """The folder where Keras keeps downloaded application weights ($KERAS_HOME/models)."""
+    """The folder where Keras keeps application weights ($KERAS_HOME/models, default ~/.keras/models)."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
 def resolve_weights(model_cfg: ModelConfig) -> str | None:
     """What to hand Keras for the backbone's weights: None (random), or a local file path.
 
-    `imagenet` uses the file Keras caches. When it is missing we try one download; when
-    that fails (an air-gapped cluster) the error names the exact file and folder to fill.
+    `imagenet` means the file in Keras's cache folder. Nothing is downloaded at run time (a
+    hospital cluster is often air-gapped, and a download that hangs is worse than an error):
+    when the file is missing the error names the exact file, the folder to place it in, and
+    where Keras publishes it. Cheap and TensorFlow-free, so jobs call it before any work.
     """
     weights = model_cfg.weights
     if weights == "none":
@@ -43,29 +44,18 @@ def resolve_weights(model_cfg: ModelConfig) -> str | None:
             )
         cached = keras_weights_cache() / EFFICIENTNET_WEIGHTS_FILE
         if not cached.is_file():
-            _download(EFFICIENTNET_WEIGHTS_URL, cached)
+            raise WeightsUnavailableError(
+                f"model.weights=imagenet needs the file {EFFICIENTNET_WEIGHTS_FILE} in the folder {cached.parent} "
+                f"(that is, {cached}) on every node that trains; nothing is downloaded at run time. Copy it there "
+                f"(Keras publishes it at {EFFICIENTNET_WEIGHTS_URL}; set KERAS_HOME to use another folder), "
+                f"or give model.weights=/path/to/{EFFICIENTNET_WEIGHTS_FILE}, or train from scratch with "
+                f"model.weights=none."
+            )
         return str(cached)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(f"model.weights={weights!r}: no such file")
     return str(path)
-
-
-def _download(url: str, target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=20) as answer:
-            data = answer.read()
-    except OSError as err:
-        raise WeightsUnavailableError(
-            f"ImageNet weights for EfficientNetB1 are not cached and could not be downloaded ({err}). "
-            f"Place the file {target.name} (from {url}) at {target} on every node "
-            f"(set KERAS_HOME to use another cache folder), or give model.weights=/path/to/{target.name}, "
-            f"or train from scratch with model.weights=none."
-        ) from None
-    tmp = target.with_suffix(".part")
-    tmp.write_bytes(data)
-    tmp.replace(target)
 
 
 def _compact_backbone(image_size: int):

@@ -29,7 +29,7 @@ from xray_ray.model_folder.reliability import fit_reliability
 from xray_ray.reports.metrics import evaluate_files
 from xray_ray.reports.training import write_training_report
 from xray_ray.training import data
-from xray_ray.training.network import build_model, refresh_batchnorm
+from xray_ray.training.network import build_model, refresh_batchnorm, resolve_weights
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -126,10 +126,11 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
         model = build_model(config.model, config.data.image_size, config.data.seed)
     timer = _epoch_timer()
     under_tune = tune_metrics is not None
-    callbacks = [lra, timer] + ([_tune_reporter(lra, tune_metrics)] if under_tune else [])
+    callbacks = [_refresh_before_validation(training, config), lra, timer]
+    callbacks += [_tune_reporter(lra, tune_metrics)] if under_tune else []
     batch = config.data.batch_size
     model.fit(
-        data.to_tf(training.train, batch, training=True, seed=config.data.seed),
+        data.to_tf(training.train, batch, training=True, seed=config.data.seed, first_epoch=initial_epoch),
         validation_data=data.to_tf(training.valid, batch, training=False),
         epochs=last_epoch,
         initial_epoch=initial_epoch,
@@ -143,15 +144,50 @@ def fit(training: TrainingData, config: Config, tune_metrics: dict | None = None
                        time.perf_counter() - started, timer.seconds)
 
 
+def _plain_training_images(training: TrainingData, config: Config):
+    """Training images without augmentation, in batches of at least train.bn_refresh_batch_size."""
+    size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
+    return (x for x, _ in data.to_tf(training.train, size, training=False))
+
+
 def refresh_statistics(model, training: TrainingData, config: Config) -> int:
     """After training from scratch, re-estimate BatchNorm statistics on the training images
-    (model.refresh_batchnorm); returns the batches used (0 with pretrained weights, whose
-    backbone statistics stay frozen)."""
+    (network.refresh_batchnorm, up to train.bn_refresh_batches); returns the batches used (0
+    with pretrained weights, whose backbone statistics stay frozen)."""
     if config.model.weights != "none":
         return 0
-    size = max(config.data.batch_size, config.train.bn_refresh_batch_size)
-    plain = (x for x, _ in data.to_tf(training.train, size, training=False))
-    return refresh_batchnorm(model, plain, config.train.bn_refresh_batches)
+    return refresh_batchnorm(model, _plain_training_images(training, config), config.train.bn_refresh_batches)
+
+
+def _refresh_before_validation(training: TrainingData, config: Config):
+    """A Keras callback re-estimating BatchNorm statistics right before fit's validation pass.
+
+    Keras validates inside `fit`, in inference mode, on the moving averages; trained from
+    scratch those lag the weights by many steps, so validation (and with it the LRA after its
+    threshold, Tune's ranking and ASHA's cuts) judged a model nobody would export: the
+    demo's trials read exactly chance for their first epochs. `fit` calls `on_test_begin`
+    of its callbacks before the validation batches, so the statistics are refreshed there
+    on `train.validation_bn_refresh_batches` training batches (0: validate on the moving
+    averages as Keras does), read once and kept (as uint8) so an epoch costs no extra pass
+    over the data. The best weights the LRA keeps then carry matching statistics.
+    """
+    import keras
+    import numpy as np
+
+    wanted = config.train.validation_bn_refresh_batches if config.model.weights == "none" else 0
+
+    class RefreshBeforeValidation(keras.callbacks.Callback):
+        batches: list | None = None
+
+        def on_test_begin(self, logs=None):
+            if not wanted:
+                return
+            if self.batches is None:
+                images = _plain_training_images(training, config)
+                self.batches = [np.asarray(x, np.uint8) for _, x in zip(range(wanted), images)]
+            refresh_batchnorm(self.model, (batch.astype(np.float32) for batch in self.batches), wanted)
+
+    return RefreshBeforeValidation()
 
 
 def save_checkpoint(folder: Path, model, lra, epoch: int) -> None:
@@ -207,6 +243,7 @@ def train_and_export(frame: pd.DataFrame, config: Config, out: str | Path, repor
     out = Path(out)
     if out.exists() and not overwrite:  # fail before an hour of training, not after
         raise FileExistsError(f"{out} already exists: choose another name or pass --overwrite")
+    resolve_weights(config.model)  # likewise: a missing weights file, before the data is prepared
     training = prepare_training_data(frame, config)
     return export_and_evaluate(fit(training, config), training, frame, config, out, report_dir, overwrite)
 

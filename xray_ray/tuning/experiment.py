@@ -29,6 +29,7 @@ import pandas as pd
 from ray import tune
 
 from xray_ray.config import (
+    AUTO,
     SEARCHED,
     Config,
     TuneConfig,
@@ -41,6 +42,7 @@ from xray_ray.images.index import build_index, fingerprint, load_index, save_ind
 from xray_ray.ray_runtime import ensure_ray
 from xray_ray.reports.figures import plot_curves
 from xray_ray.reports.tables import write_csv, write_json
+from xray_ray.training.network import resolve_weights
 from xray_ray.training.run import (
     export_and_evaluate,
     prepare_training_data,
@@ -58,8 +60,14 @@ SETTINGS_FILE = "xray_experiment.json"  # in the experiment folder: what --resum
 
 
 def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, TuneConfig]:
-    """Defaults, the YAML file, then `--set` overrides: the training config and its `tune:` section."""
+    """Defaults, the YAML file, then `--set` overrides: the training config and its `tune:` section.
+
+    Pretrained weights are looked up here, before any work: a missing weights file fails in
+    seconds with the file and folder to fill (network.WeightsUnavailableError), not after the
+    data is prepared and every trial has failed.
+    """
     config = load_config(path, overrides)
+    resolve_weights(config.model)
     return config, config.tune
 
 
@@ -82,6 +90,23 @@ def check_can_start(experiment: Experiment, resume: bool, overwrite: bool) -> di
     return saved
 
 
+def gpus_per_trial(settings: TuneConfig) -> float:
+    """`tune.gpus_per_trial`, with `auto` resolved from the cluster's resources now: 1 GPU per
+    trial when the cluster has GPUs, else 0 (trials train on CPU), said in one log line."""
+    if settings.gpus_per_trial != AUTO:
+        return float(settings.gpus_per_trial)
+    import ray  # already started by ensure_ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus:
+        log.info("tune.gpus_per_trial=auto: the cluster has %g GPU(s): 1 GPU per trial", gpus)
+        return 1.0
+    log.warning("tune.gpus_per_trial=auto: the cluster has no GPU: every trial trains on CPU (%s CPU each), which "
+                "for EfficientNetB1 at 240 px takes days. An autoscaling cluster whose GPU nodes start on demand "
+                "needs tune.gpus_per_trial=1.", settings.cpus_per_trial)
+    return 0.0
+
+
 def fit_trials(training, config: Config, settings: TuneConfig, experiment: Experiment, *, resume: bool = False,
                trainable: Callable | None = None, callbacks: list | None = None):
     """Run (or restore and continue) the trials on prepared data; returns Tune's ResultGrid.
@@ -91,7 +116,7 @@ def fit_trials(training, config: Config, settings: TuneConfig, experiment: Exper
     # Tune snapshots the experiment whenever a trial has written keep_checkpoints checkpoints since the last
     # snapshot, which is what makes resume safe; its warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    resources = {"cpu": settings.cpus_per_trial, "gpu": gpus_per_trial(settings)}
     wrapped = tune.with_resources(
         tune.with_parameters(trainable or run_trial, training=training, config=config), resources)
     if resume:
