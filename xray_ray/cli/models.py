@@ -1,0 +1,112 @@
+"""`xray-ray train`, `evaluate` and `tune`: making and judging models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from xray_ray.cli.app import CONFIG_OPTION, SET_OPTION, app, fail, read_config, read_index, synthetic_note
+from xray_ray.ray_runtime import use_address
+
+
+@app.command()
+def train(
+    index_path: Path = typer.Option(..., "--index", help="index.parquet written by `xray-ray index`."),
+    out: Path = typer.Option(..., help="Model folder to export, e.g. models/NAME."),
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    report_dir: Path = typer.Option(None, help="Report folder (default reports/train/<model name>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing model folder."),
+) -> None:
+    """Train one model with LRA, export it with its model card, evaluate it on valid and test."""
+    from xray_ray.training.network import WeightsUnavailableError
+    from xray_ray.training.run import train_and_export
+
+    config = read_config(config_file, overrides)
+    frame = read_index(index_path)
+    try:
+        card = train_and_export(frame, config, out, report_dir or Path("reports/train") / out.name, overwrite)
+    except (FileExistsError, WeightsUnavailableError, ValueError) as err:
+        raise fail(str(err))
+    test = card["metrics"]["test"]
+    typer.echo(f"model {card['version']} ({card['backbone']}) exported to {out}")
+    typer.echo(f"test accuracy {test['accuracy']:.3f} on {test['n']} images{synthetic_note(card['synthetic_data'])}")
+    typer.echo(f"report: {card['report']}")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="Exported model folder."),
+    index_path: Path = typer.Option(..., "--index", help="index.parquet to evaluate on."),
+    split: str = typer.Option("test", help="train, valid, test, or all (every readable row)."),
+    report_dir: Path = typer.Option(None, help="Report folder (default reports/evaluate/<model>-<split>)."),
+) -> None:
+    """Evaluate an exported model on a split of an index (the split the model card's seed defines)."""
+    from xray_ray.training.evaluate import evaluate_model
+
+    frame = read_index(index_path)
+    folder = report_dir or Path("reports/evaluate") / f"{model.name}-{split}"
+    try:
+        evaluation, card, same_index = evaluate_model(model, frame, split, folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise fail(str(err))
+    if not same_index:
+        typer.echo("note: this index differs from the one the model was trained on; splits are not the training ones")
+    typer.echo(evaluation.report_text())
+    typer.echo(f"model {card.version}; report files in {folder}")
+
+
+@app.command("tune")
+def tune(
+    config_file: Path = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train, tune); "
+                                     "e.g. configs/tune_demo.yaml."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a setting, e.g. --set tune.num_samples=8 or "
+                                        "--set model.backbone=compact (repeatable)."),
+    index_path: Path = typer.Option(None, "--index", help="index.parquet written by `xray-ray index` (an absolute "
+                                    "path under `ray job submit`). On --resume, defaults to the experiment's index."),
+    data_dir: Path = typer.Option(None, "--data", help="Dataset folder to index first, instead of --index; the index "
+                                  "is saved as <report dir>/index.parquet."),
+    name: str = typer.Option(None, "--name", help="Experiment name (default tune.name): its folder under the "
+                         "storage path, reports/tune/NAME and models/NAME."),
+    storage_path: str = typer.Option(None, "--storage-path", help="Where Tune keeps trials and checkpoints (default "
+                                     "tune.storage_path): a local folder, a path shared by all nodes, or s3://bucket/prefix."),
+    out: Path = typer.Option(None, "--out", help="Model folder for the best trial (default models/NAME)."),
+    report_dir: Path = typer.Option(None, "--report-dir", help="Report folder (default reports/tune/NAME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted experiment NAME with its saved "
+                                "settings: finished trials are kept, unfinished ones restart from their last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder and report."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to run on (default RAY_ADDRESS, which `ray job "
+                                "submit` sets; otherwise a local Ray is started)."),
+) -> None:
+    """Tune hyperparameters with Ray Tune + Optuna, then export and evaluate the best trial's model.
+
+    Relative output paths resolve under $XRAY_RAY_HOME, else the working folder (~/xray-ray when run by `ray job submit`, whose working folder is temporary).
+    """
+    from xray_ray.training.network import WeightsUnavailableError
+    use_address(address)  # before the tuning modules import Ray
+    from xray_ray.tuning import experiment as tuning
+    from xray_ray.tuning.storage import plan
+
+    try:
+        config, settings = tuning.load_experiment_config(config_file, overrides)
+        experiment = plan(settings, name, storage_path, out, report_dir)
+        saved = tuning.check_can_start(experiment, resume, overwrite)
+        if saved is not None and (config_file or overrides):
+            typer.echo("note: --resume continues with the settings saved with the experiment; --config and --set "
+                       "only served to find it (tune.name, tune.storage_path)")
+        frame, index_path = tuning.resolve_index(experiment, saved, index_path, data_dir)
+        summary = tuning.run_experiment(frame, config, settings, experiment, resume=resume, overwrite=overwrite,
+                                        index_path=str(Path(index_path).resolve()))
+    except (FileExistsError, FileNotFoundError, WeightsUnavailableError, ValueError) as err:
+        raise fail(str(err))
+    except RuntimeError as err:
+        raise fail(str(err), 1)
+    typer.echo(f"experiment {summary['experiment']}: {summary['trials']} trials in {summary['storage_path']}")
+    typer.echo(f"best trial {summary['best_trial']}: {summary['metric']} {summary['best_score']:.4f} with "
+               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["best_params"].items()))
+    typer.echo(f"model {summary['model_version']} exported to {summary['model']}; "
+               f"test accuracy {summary['test_accuracy']:.3f}{synthetic_note(summary['synthetic_data'])}")
+    if summary["errors"]:
+        typer.echo(f"warning: {len(summary['errors'])} trial(s) failed for good: {summary['errors']}")
+    typer.echo(f"report: {experiment.report_dir / 'index.html'}")
