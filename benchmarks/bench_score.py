@@ -66,7 +66,8 @@ def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: 
     import ray  # after xray_ray, which keeps a local Ray on loopback
 
     from xray_ray.ray_runtime import ensure_ray
-    from xray_ray.scoring.run import ScoreOptions, score
+    from xray_ray.scoring.options import ScoreOptions
+    from xray_ray.scoring.run import score
 
     ensure_ray(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
     started = time.perf_counter()

@@ -16,16 +16,9 @@ import pytest
 from tests.badfiles import write_good_files
 from xray_ray.config import CLASS_NAMES
 from xray_ray.scoring import archive, ledger, pipeline
+from xray_ray.scoring.options import ModelInfo, ScoreError, ScoreOptions, model_info
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, Scorer, read_and_prepare
-from xray_ray.scoring.run import (
-    ModelInfo,
-    ScoreError,
-    ScoreOptions,
-    _write_part,
-    model_info,
-    read_predictions,
-    run_folder,
-)
+from xray_ray.scoring.run import _write_part, read_predictions, run_folder
 
 SIZE = 32
 
@@ -183,9 +176,9 @@ def test_a_named_pipe_without_extension_is_not_opened_by_the_walk(tmp_path):
 
 
 def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
-    from xray_ray.scoring import run
+    from xray_ray.scoring import options as scoring_options
 
-    monkeypatch.setattr(run, "_card_info", lambda folder, engine: ModelInfo("compact-v2", "onnxruntime", 64))
+    monkeypatch.setattr(scoring_options, "_card_info", lambda folder, engine: ModelInfo("compact-v2", "onnxruntime", 64))
     options = ScoreOptions(archives=[str(tmp_path)], out=str(tmp_path / "out"), model=str(tmp_path))
     assert model_info(options).version == "compact-v2"
     options.expect_version = "compact-v1"

@@ -15,7 +15,8 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_file
 from xray_ray.images import synth
 from xray_ray.scoring.explain import EXPLAIN_DIR, pick
-from xray_ray.scoring.run import ScoreOptions, score
+from xray_ray.scoring.options import ScoreOptions
+from xray_ray.scoring.run import score
 
 PATIENT = "DOE_JANE_1961-04-02"
 

@@ -33,8 +33,9 @@ from xray_ray.images import synth
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import command_line, process_tree
+from xray_ray.scoring.options import ScoreOptions
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
-from xray_ray.scoring.run import ScoreOptions, read_predictions, score
+from xray_ray.scoring.run import read_predictions, score
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -429,8 +429,9 @@ def test_cli_serve_refuses_bad_settings_before_starting_ray(compact_model, args,
 
 def test_scoring_through_serve_gives_the_actor_backends_predictions(served, compact_model, phantom_root, tmp_path):
     """The scoring job's `serve` backend reaches this app's replicas and answers as its own actors do."""
+    from xray_ray.scoring.options import ScoreOptions
     from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
-    from xray_ray.scoring.run import ScoreOptions, read_predictions, score
+    from xray_ray.scoring.run import read_predictions, score
 
     frames = {}
     for backend in ("actors", "serve"):

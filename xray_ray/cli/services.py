@@ -99,7 +99,7 @@ def score(
     --expect-version), 4 for an unreachable archive.
     """
     use_address(address)  # before the scoring modules import Ray
-    from xray_ray.scoring.run import ScoreError, ScoreOptions
+    from xray_ray.scoring.options import ScoreError, ScoreOptions
     from xray_ray.scoring.run import score as run_scoring
 
     options = ScoreOptions(
