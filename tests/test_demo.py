@@ -90,7 +90,8 @@ def test_demo_on_the_real_sample_scores_it_against_its_class_folders(real_root, 
     summary = json.loads((tmp_path / "real" / "demo_summary.json").read_text())
     assert summary["data"] == "real dataset" and 0 <= summary["test_accuracy"] <= 1
     scored = json.loads((tmp_path / "real" / "scores" / "demo" / "report" / "summary.json").read_text())
-    assert scored["ground_truth"]["n"] == 240  # every image, its class folder as truth
+    flagged_known = scored["out_of_distribution_with_known_class"]["images"]
+    assert scored["ground_truth"]["n"] + flagged_known == 240  # every image, its class folder as truth
     assert [a["status"] for a in summary["serve_answers"]].count(200) == 4
 
 

@@ -45,19 +45,19 @@ def assert_stops(command: Command, how: str) -> None:
     assert seconds <= STOP_SECONDS, f"{how} took {seconds:.1f} s"
 
 
-def join(address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def join(address: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
     """A driver joining the Ray at `address` (with Ray's loopback mode on, so only the token decides)."""
     command = [sys.executable, "-c", JOIN, address]
     try:
         return subprocess.run(command, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-                              capture_output=True, text=True, timeout=90)
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:  # a refused driver may keep retrying: refused all the same
         output = [b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (err.stdout, err.stderr)]
         return subprocess.CompletedProcess(command, -9, *output)
 
 
 def assert_refuses_a_driver_without_the_token(address: str, token_file: Path | None = None) -> None:
-    refused = join(address, user_env())
+    refused = join(address, user_env(), timeout=20)  # refused at once, or retrying with an auth error
     assert refused.returncode != 0 and "joined" not in refused.stdout
     assert "auth" in refused.stderr.lower(), refused.stderr[-2000:]
     if token_file is not None:  # the same driver with the token gets in: the refusal was the token's doing

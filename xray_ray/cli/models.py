@@ -89,7 +89,7 @@ def tune(
     from xray_ray.tuning.storage import plan
 
     try:
-        config, settings = tuning.load_experiment_config(config_file, overrides)
+        config, settings = tuning.load_experiment_config(config_file, overrides, check_weights=not resume)
         experiment = plan(settings, name, storage_path, out, report_dir)
         saved = tuning.check_can_start(experiment, resume, overwrite)
         if saved is not None and (config_file or overrides):

@@ -59,15 +59,18 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "xray_experiment.json"  # in the experiment folder: what --resume needs besides Tune's own state
 
 
-def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, TuneConfig]:
+def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None,
+                           check_weights: bool = True) -> tuple[Config, TuneConfig]:
     """Defaults, the YAML file, then `--set` overrides: the training config and its `tune:` section.
 
     Pretrained weights are looked up here, before any work: a missing weights file fails in
     seconds with the file and folder to fill (network.WeightsUnavailableError), not after the
-    data is prepared and every trial has failed.
+    data is prepared and every trial has failed. A resumed experiment uses its saved config
+    instead, checked by `run_experiment` (`check_weights=False` here).
     """
     config = load_config(path, overrides)
-    resolve_weights(config.model)
+    if check_weights:
+        resolve_weights(config.model)
     return config, config.tune
 
 
@@ -167,6 +170,7 @@ def run_experiment(frame: pd.DataFrame, config: Config, settings: TuneConfig, ex
             raise ValueError(f"the index differs from the one experiment {experiment.name} started with "
                              f"({saved['index_path']}): resume with that index")
         config, settings = config_from_dict(saved["config"]), TuneConfig(**saved["tune"])
+        resolve_weights(config.model)  # the saved config's weights, before any work
         log.info("resuming experiment %s with its saved settings", experiment.path)
     else:
         storage.write_text(storage.join(experiment.path, SETTINGS_FILE), json.dumps({
