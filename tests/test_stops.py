@@ -134,7 +134,7 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
 def test_demo_head_listens_on_loopback_refuses_tokenless_drivers_and_stops(tmp_path, how):
     out = tmp_path / "demo"
     demo = Command(["demo", "--out", str(out), "--per-class", "8", "--archive-per-class", "2",
-                    "--set", "tune.num_samples=1", "--set", "lra.epochs=1"], tmp_path / "demo.log", REPO)
+                    "--set", "tune.num_samples=1", "--set", "lra.epochs=2"], tmp_path / "demo.log", REPO)
     try:
         demo.wait_for(lambda: "jobs/tune.py" in demo.output(), 300, "the tuning stage")
         assert_all_on_loopback(demo, "xray-ray demo (its driver and its Ray head)")

@@ -403,3 +403,4 @@ def test_trials_spread_over_gpu_workers_one_per_gpu(tiny_index, tmp_path):
 
 if __name__ == "__main__":  # the cluster harness of test_trials_spread_over_gpu_workers_one_per_gpu
     _serve_cluster(Path(sys.argv[1]))
+

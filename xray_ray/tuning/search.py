@@ -116,6 +116,15 @@ def _short(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in params.items())
 
 
+def asha_grace_period(settings: TuneConfig, max_epochs: int) -> int:
+    """ASHA's grace period, at most the epochs a trial may run (`--set lra.epochs=1` on a config with grace 3)."""
+    if settings.grace_period > max_epochs:
+        log.warning("tune.grace_period %d is more than lra.epochs %d: ASHA gives every trial all %d epoch(s)",
+                    settings.grace_period, max_epochs, max_epochs)
+        return max_epochs
+    return settings.grace_period
+
+
 def build_tuner(trainable, config: Config, settings: TuneConfig, experiment: Experiment, callbacks: list):
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -127,7 +136,8 @@ def build_tuner(trainable, config: Config, settings: TuneConfig, experiment: Exp
         sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials),
     )
     if settings.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=config.lra.epochs, grace_period=settings.grace_period,
+        grace = asha_grace_period(settings, config.lra.epochs)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=config.lra.epochs, grace_period=grace,
                                   reduction_factor=settings.reduction_factor)
     else:
         scheduler = FIFOScheduler()
