@@ -11,6 +11,9 @@ from xray_ray.config import CLASS_NAMES, load_config
 from xray_ray.images.preprocess import preprocess
 from xray_ray.images.synth import phantom, phantom_with_region
 
+REPO = Path(__file__).resolve().parents[1]
+"""The repository's root, for the tests that run its commands or read its configs and README."""
+
 
 @dataclass
 class Exported:

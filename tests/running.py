@@ -4,7 +4,6 @@ process of the unit) does."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 
 from xray_ray.processes import process_group, process_tree, still_running, tcp_listeners
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY_SETTINGS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
@@ -26,11 +24,6 @@ def user_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in RAY_SETTINGS}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1", **extra)
     return env
-
-
-def on_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 class Command:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+from tests.helpers import REPO
+
+CLUSTER_YAML = REPO / "cluster.yaml"
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

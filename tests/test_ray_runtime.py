@@ -12,7 +12,9 @@ from xray_ray.ray_runtime import MULTI_HOST_SWITCH, is_loopback_address, use_add
 
 @pytest.mark.parametrize("address, loopback", [
     ("127.0.0.1:6379", True), ("http://localhost:8265", True), ("ray://[::1]:10001", True),
+    ("[::ffff:127.0.0.1]:8000", True),  # how a dual-stack listener on 127.0.0.1 shows in /proc/net/tcp6
     ("10.0.0.2:6379", False), ("http://192.0.2.2:8265", False), ("auto", False), ("ray://head.example:10001", False),
+    ("[::ffff:10.0.0.2]:8000", False), ("[::]:8000", False), ("0.0.0.0:8000", False),
 ])
 def test_loopback_addresses(address, loopback):
     assert is_loopback_address(address) is loopback

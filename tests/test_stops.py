@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.running import REPO, Command, on_loopback, user_env
+from tests.helpers import REPO
+from tests.running import Command, on_loopback, user_env
 from xray_ray.images import synth
 from xray_ray.processes import free_port
 from xray_ray.scoring.run import read_predictions

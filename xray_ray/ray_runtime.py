@@ -46,13 +46,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for `127.0.0.1`, `::1`, `localhost`; False for `0.0.0.0`, `::` and every other host."""
+    """True for `127.0.0.1`, `::1`, `::ffff:127.0.0.1`, `localhost`; False for `0.0.0.0`, `::` and every other host."""
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack listener reports loopback
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def is_loopback_address(address: str) -> bool:

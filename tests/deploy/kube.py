@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 MANIFESTS = REPO / "deploy" / "kubernetes"
 SCHEMAS = Path(os.environ.get("XRAY_RAY_KUBERAY_SCHEMAS", REPO.parent / "shared" / "schemas" / "kuberay"))
 

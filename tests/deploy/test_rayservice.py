@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.deploy.kube import MANIFESTS, REPO, mounts, pod_templates, the
-from xray_ray.config import SERVE_APP_NAME
+from xray_ray.config import CLASS_NAMES, SERVE_APP_NAME
 from xray_ray.model_folder.card import CARD_FILE
 from xray_ray.serving.settings import ServeSettings
 
@@ -41,17 +42,22 @@ def test_it_is_the_application_of_configs_serve_yaml(application):
     assert set(reference["args"]) <= set(application["args"])
 
 
+def _card(folder) -> None:
+    """The smallest card ModelCard accepts: the classes, an input size and a version."""
+    (folder / CARD_FILE).write_text(json.dumps({"classes": list(CLASS_NAMES), "input": {"size": 64}, "version": "m-1"}))
+
+
 def test_its_args_build_serve_settings(application, tmp_path):
     fields = {field.name for field in dataclasses.fields(ServeSettings)}
     args = application["args"]
     assert set(args) <= fields, f"not ServeSettings fields: {set(args) - fields}"
-    (tmp_path / CARD_FILE).write_text("{}")  # ServeSettings checks that the model folder holds a card
+    _card(tmp_path)  # ServeSettings reads the model folder's card
     settings = ServeSettings(**{**args, "model": str(tmp_path)})
     assert settings.max_ongoing_requests >= settings.max_batch_size
 
 
 def test_a_broken_args_set_is_refused(application, tmp_path):
-    (tmp_path / CARD_FILE).write_text("{}")
+    _card(tmp_path)
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeSettings(**{**application["args"], "model": str(tmp_path), "max_ongoing_requests": 1})
 

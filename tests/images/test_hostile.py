@@ -24,6 +24,7 @@ from tests.hostile import dicom, good_compressed_dicoms, hostile_bytes, png_real
 from xray_ray.images.bounds import CODES, LIMITS, DecodeLimits
 from xray_ray.images.decode import ImageDecodeError, decode, read_bytes, read_image
 from xray_ray.images.preprocess import preprocess
+from xray_ray.processes import proc_field_mb
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,10 +54,10 @@ class Peak:
 
 
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    value = proc_field_mb("self", field)
+    if value is None:
+        raise KeyError(field)
+    return round(value * 1024)
 
 
 def _reset_rss_peak() -> int | None:

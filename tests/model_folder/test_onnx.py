@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import REPO as ROOT  # noqa: N811
 from tests.helpers import Exported, phantom_batch
 from tests.model_folder.conftest import SIZE
 from xray_ray.config import CLASS_NAMES
@@ -35,7 +36,6 @@ from xray_ray.model_folder.export import export_model
 pytestmark = pytest.mark.timeout(600)
 SLOW_FIXTURES = {"models", "keras_engine"}  # they train networks (`models`: tests/model_folder/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

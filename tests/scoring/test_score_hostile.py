@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from tests.badfiles import encode, gray8, write_good_files
+from tests.helpers import REPO as ROOT
 from tests.hostile import good_compressed_dicoms, rewriting, write_hostile_files
 from xray_ray.images import synth
 from xray_ray.scoring.run import read_predictions
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

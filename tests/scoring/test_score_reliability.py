@@ -28,6 +28,7 @@ from tests.badfiles import (
     write_bad_files,
     write_good_files,
 )
+from tests.helpers import REPO as ROOT
 from xray_ray.cli import app
 from xray_ray.images import synth
 from xray_ray.model_folder.card import ModelCard
@@ -37,7 +38,6 @@ from xray_ray.scoring.options import ScoreOptions
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 from xray_ray.scoring.run import read_predictions, score
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

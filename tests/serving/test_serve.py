@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.badfiles import SECRET_PATIENT, bad_files, good_files
+from tests.helpers import REPO
 from tests.serving.hostile import black_png
 from xray_ray.files import sha256_hex
 from xray_ray.model_folder.card import ModelCard
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 
 MAX_BODY_MB = 1.0
 SECURE_PREFIX = "/secure"
-SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve.yaml"
+SERVE_CONFIG = REPO / "configs" / "serve.yaml"
 
 
 def settings_for(model_dir: Path, **changes):
@@ -454,7 +455,7 @@ def test_scoring_through_serve_gives_the_actor_backends_predictions(served, comp
 
 def readme_curl_commands() -> list[str]:
     """The README's curl examples for the Serve endpoints, as printed there."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Serving single studies"):]
     return [line for line in section.split("```")[3].splitlines() if line.startswith("curl ")]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import REPO
 from xray_ray.processes import free_port, stop_process_group
 
-REPO = Path(__file__).resolve().parents[2]  # the repository root
 BIN = Path(sys.executable).parent  # the venv's bin: its python, ray
 CI_CONFIG = "configs/tune_ci.yaml"
 

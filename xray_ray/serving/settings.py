@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xray_ray.images.bounds import LIMITS
-from xray_ray.model_folder.card import CARD_FILE, ModelCard
+from xray_ray.model_folder.card import ModelCard
 from xray_ray.ray_runtime import is_loopback_host
 
 TOKEN_ENV = "XRAY_RAY_SERVE_TOKEN"
@@ -60,12 +60,12 @@ class ServeSettings:
         if self.max_inflight_mb < self.max_body_mb:
             raise ValueError(f"max_inflight_mb ({self.max_inflight_mb}) below max_body_mb ({self.max_body_mb}) "
                              "would refuse the largest accepted body")
-        if not (Path(self.model) / CARD_FILE).is_file():
-            raise ValueError(f"not an exported model folder (no {CARD_FILE}): {self.model}")
-        if self.expect_version is not None:
-            version = ModelCard.read(self.model).version
-            if version != self.expect_version:
-                raise ValueError(f"{self.model} holds model {version}, not the expected {self.expect_version}")
+        try:
+            version = ModelCard.read(self.model).version  # the card checked once, before any replica starts
+        except OSError as err:
+            raise ValueError(str(err)) from None
+        if self.expect_version is not None and version != self.expect_version:
+            raise ValueError(f"{self.model} holds model {version}, not the expected {self.expect_version}")
 
     @property
     def decode_slots(self) -> int:
