@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from tests.helpers import REPO
-from tests.running import Command, on_loopback, user_env
+from tests.running import Command, user_env
 from xray_ray.images import synth
 from xray_ray.processes import free_port
+from xray_ray.ray_runtime import is_loopback_host
 from xray_ray.scoring.run import read_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,7 +34,7 @@ def assert_all_on_loopback(command: Command, what: str) -> list[dict]:
     for row in listeners:
         print(f"  {row['address']:>18}:{row['port']:<6} pid {row['pid']:<7} {row['process']}")
     assert listeners, "no listener found: the process tree was not read"
-    exposed = [row for row in listeners if not on_loopback(row["address"])]
+    exposed = [row for row in listeners if not is_loopback_host(row["address"])]
     assert not exposed, f"{what} listens beyond loopback: {exposed}"
     return listeners
 
