@@ -81,9 +81,9 @@ def archive(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("how", HOWS)
 def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_model, tmp_path, how):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     server = Command(["serve", "--model", str(compact_model[0]), "--port", str(port), "--num-cpus", "0.5"],
-                     tmp_path / "serve.log", tmp_path)
+                     tmp_path / "serve.log", tmp_path, env=user_env(XRAY_RAY_METRICS_PORT=str(metrics_port)))
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -95,7 +95,10 @@ def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_m
     try:
         server.wait_for(healthy, 240, "a healthy replica")
         listeners = assert_all_on_loopback(server, "xray-ray serve")
-        assert port in {row["port"] for row in listeners}
+        assert {port, metrics_port} <= {row["port"] for row in listeners}  # Prometheus' port: fixed, on loopback
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert metrics in server.log.read_text()  # the address the command prints
+        assert httpx.get(metrics, timeout=10).status_code == 200
         if how == "interrupt":
             gcs = next(row["port"] for row in listeners if row["process"].endswith("gcs_server"))
             assert_refuses_a_driver_without_the_token(f"127.0.0.1:{gcs}")

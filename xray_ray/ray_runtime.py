@@ -39,6 +39,8 @@ LOOPBACK = "127.0.0.1"
 MULTI_HOST_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TOKEN_FILE = "auth_token"
+METRICS_PORT_ENV = "XRAY_RAY_METRICS_PORT"
+"""A fixed metrics export port for a local Ray (for a Prometheus scrape config); a free one otherwise."""
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +145,24 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_d
             os.environ[TOKEN_PATH_ENV] = str(_private_token())
         # Ray turns token auth on for a new local Ray and says so; this module's docstring says it too.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        metrics_port = int(os.environ[METRICS_PORT_ENV]) if os.environ.get(METRICS_PORT_ENV) else None
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, _metrics_export_port=metrics_port)
         _local_ray_started = True
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def metrics_url() -> str | None:
+    """Where Prometheus scrapes this process's node: `http://<node address>:<metrics export port>/metrics`
+    (loopback on a Ray started here; it needs no token, so it must never be exposed). None if unknown."""
+    import ray  # connected by ensure_ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 @contextlib.contextmanager

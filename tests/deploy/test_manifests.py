@@ -29,7 +29,7 @@ from tests.deploy.kube import (
 )
 
 APP_LABEL = {"app.kubernetes.io/name": "xray-ray"}
-GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6379, 8265, 8000
+GCS_PORT, DASHBOARD_PORT, SERVE_PORT, METRICS_PORT = 6379, 8265, 8000, 8080
 
 
 def _options(entrypoint: str) -> dict[str, str]:
@@ -159,7 +159,10 @@ def test_dashboard_gcs_and_serve_are_reachable_only_from_where_they_must_be():
     assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
     assert "namespaceSelector" in operator
     assert {"podSelector": {"matchLabels": {"xray-ray/serve-client": "true"}}} in ports_from[SERVE_PORT]
-    assert set(ports_from) == {None, DASHBOARD_PORT, SERVE_PORT}
+    (prometheus,) = ports_from[METRICS_PORT]  # metrics have no authentication: Prometheus' pods only
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert "namespaceSelector" in prometheus
+    assert set(ports_from) == {None, DASHBOARD_PORT, SERVE_PORT, METRICS_PORT}
 
 
 def test_every_claim_the_pods_mount_is_defined_and_well_formed():

@@ -363,8 +363,8 @@ def test_trials_spread_over_gpu_workers_one_per_gpu(tiny_index, tmp_path):
     folder = _short_tmp("xrc")
     log = folder / "cluster.log"
     with open(log, "w") as sink:
-        harness = subprocess.Popen([str(BIN / "python"), __file__, str(folder)], env=_env(RAY_TMPDIR=str(folder), RAY_AUTH_MODE="disabled"),
-                                   cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        harness = subprocess.Popen([str(BIN / "python"), "-m", "tests.tuning.test_tune", str(folder)],
+                                   env=_env(RAY_TMPDIR=str(folder), RAY_AUTH_MODE="disabled"), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         cluster = json.loads(_wait_for(lambda: (folder / "cluster.json").exists() and (folder / "cluster.json").read_text(),
                                        240, "the cluster", harness, log))

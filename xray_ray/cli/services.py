@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from xray_ray.cli.app import app, fail, synthetic_note
-from xray_ray.ray_runtime import ray_stopped_on_interrupt, use_address
+from xray_ray.ray_runtime import metrics_url, ray_stopped_on_interrupt, use_address
 
 
 @app.command("serve")
@@ -51,7 +51,7 @@ def serve_model(
         raise fail(str(err))
     serve_until_stopped(settings, host, port, started=lambda: typer.echo(
         f"serving {model} at http://{host}:{port}/ (POST /predict, POST /predict/batch, GET /healthz, "
-        "GET /model, GET /stats); Ctrl-C stops"))
+        f"GET /model, GET /stats); Prometheus metrics at {metrics_url()}; Ctrl-C stops"))
 
 
 @app.command("score")

@@ -110,6 +110,17 @@ class ModelCard:
     def synthetic(self) -> bool:
         return bool(self.data.get("synthetic_data", False))
 
+    def baseline(self) -> dict:
+        """What a night's archive is compared with (scoring's drift check): the class counts of every split
+        the model was trained and evaluated on (before undersampling), and the share of its held-out
+        images the out-of-distribution check flagged (test, else validation; None before OOD existed)."""
+        splits = self.data.get("split_counts") or {}
+        ood = self.data.get("ood") or {}
+        rate = ood.get("test_flag_rate", ood.get("valid_flag_rate"))
+        return {"class_counts": {name: sum(int(split.get(name, 0)) for split in splits.values())
+                                 for name in self.classes},
+                "ood_rate": None if rate is None else float(rate)}
+
     def verified_file(self, name: str) -> Path:
         """The path of a model file whose sha256 matches the card's; ValueError otherwise."""
         path = self.folder / name

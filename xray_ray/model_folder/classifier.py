@@ -173,9 +173,11 @@ class Classifier:
         return self._head
 
     def describe(self) -> dict:
-        """What answers: model version, engine, provider and threads (for Serve's model info and logs)."""
+        """What answers: model version, engine, provider, threads, input, and the card's drift baseline (for Serve's
+        model info, logs and the scoring job's serve backend)."""
         return {"model_version": self.version, "engine": self.engine, "provider": self.provider,
-                "threads": self.threads, "classes": list(self.classes), "image_size": self.image_size}
+                "threads": self.threads, "classes": list(self.classes), "image_size": self.image_size,
+                "baseline": self.card.baseline()}
 
     def prepare(self, image: ImageInput) -> np.ndarray:
         """File bytes or a decoded 2-D grayscale array -> the model's input (images.preprocess)."""

@@ -184,3 +184,34 @@ def plot_reliability(path: str | Path, diagrams: Mapping[str, list[dict]], title
         ax.grid(alpha=0.3)
     fig.axes[0].legend(loc="upper left", fontsize=8)
     return _save(fig, path)
+
+
+def plot_drift_trend(path: str | Path, runs: list[dict], class_names: list[str], baseline_shares: Mapping[str, float],
+                     baseline_rate: float | None, title: str) -> Path:
+    """Runs side by side (the last one is tonight's): each run's class mix as stacked shares next to the
+    baseline's, and its out-of-distribution rate as a line against the baseline rate."""
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    fig.suptitle(title)
+    mix, rate = fig.subplots(1, 2, width_ratios=[3, 2])
+    labels = ["model card", *[run["run"] for run in runs]]
+    bottom = np.zeros(len(labels))
+    for name in class_names:
+        shares = [baseline_shares.get(name, 0.0)]
+        for run in runs:
+            answered = sum(run["per_class"].values())
+            shares.append(run["per_class"].get(name, 0) / answered if answered else 0.0)
+        mix.bar(range(len(labels)), shares, bottom=bottom, label=name, edgecolor="white")
+        bottom += np.array(shares)
+    mix.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
+    mix.set(ylim=(0, 1), ylabel="share of answers", title="Class mix")
+    mix.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    rates = [100 * run["out_of_distribution"] / run["scored"] if run["scored"] else np.nan for run in runs]
+    rate.plot(range(len(runs)), rates, marker="o", color="tab:purple", label="run")
+    if baseline_rate is not None:
+        rate.axhline(100 * baseline_rate, color="grey", linestyle="--", linewidth=1, label="model card")
+    rate.set_xticks(range(len(runs)), [run["run"] for run in runs], rotation=30, ha="right",
+                    rotation_mode="anchor", fontsize=8)
+    rate.set(ylabel="% flagged", title="Out-of-distribution rate", ylim=(0, 1.2 * max([5.0, 100 * (baseline_rate or 0), *np.nan_to_num(rates)])))
+    rate.legend(fontsize=7)
+    rate.grid(alpha=0.3)
+    return _save(fig, path)

@@ -89,6 +89,7 @@ class ModelInfo:
     engine: str
     image_size: int
     classes: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    baseline: dict = field(default_factory=dict)  # ModelCard.baseline(): what the drift check compares with
 
 
 def model_info(options: ScoreOptions) -> ModelInfo:
@@ -99,7 +100,8 @@ def model_info(options: ScoreOptions) -> ModelInfo:
         except Exception as err:  # noqa: BLE001 - any failure means there is no app to send batches to
             raise ScoreError(f"no running Serve application to score with ({type(err).__name__}: {err}); "
                              "start it with `xray-ray serve` or use --backend actors", 3) from None
-        found = ModelInfo(info["model_version"], info["engine"], int(info["image_size"]), list(info["classes"]))
+        found = ModelInfo(info["model_version"], info["engine"], int(info["image_size"]), list(info["classes"]),
+                          info.get("baseline", {}))
     else:
         found = _card_info(Path(options.model), options.engine)
     if found.classes != list(CLASS_NAMES):
@@ -113,6 +115,6 @@ def _card_info(folder: Path, engine: str) -> ModelInfo:
     try:
         card = ModelCard.read(folder)
         chosen, _, _ = card.choose_engine(engine)
-        return ModelInfo(card.version, chosen, card.image_size, card.classes)
+        return ModelInfo(card.version, chosen, card.image_size, card.classes, card.baseline())
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ScoreError(f"cannot use the model in {folder}: {err}", 3) from None

@@ -12,6 +12,10 @@ drivers from writing the same output at once. Before anything else a run repairs
 ledger (`ledger.repair`): damaged parts and ledger files left by a power loss are moved to
 `<out>/quarantine/` and what they covered is scored again.
 
+While it runs the driver exports live Prometheus metrics through Ray, and at the end the
+run's figures go to `<run>/metrics.prom` and `<out>/xray_scoring.prom` for node-exporter
+(`scoring.metrics`).
+
 Scoring stays inside the archive folders: symlinks that lead outside them become
 `outside_archive` error rows unless `follow_symlinks` is set, and `out` is never walked.
 
@@ -34,9 +38,10 @@ from pathlib import Path
 import pandas as pd
 
 from xray_ray.files import atomic_path, atomic_write_text
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ensure_ray, metrics_url
 from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
+from xray_ray.scoring.metrics import LiveRunMetrics, write_textfiles
 from xray_ray.scoring.options import ModelInfo, ScoreError, ScoreOptions, model_info
 from xray_ray.scoring.pipeline import (
     PREDICTION_COLUMNS,
@@ -161,7 +166,7 @@ def _scorer(options: ScoreOptions) -> tuple[type, dict]:
 
 
 def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
-                 out: Path, times: StageTimes) -> int:
+                 out: Path, times: StageTimes, live: LiveRunMetrics) -> int:
     """Run the pipeline over the file list, committing parts as rows arrive; returns rows written."""
     import ray  # heavy: imported where the pipeline is built
 
@@ -181,6 +186,7 @@ def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: Model
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         times.mark("first_result_s")
         times.add_rows(batch)
+        live.add(batch)
         pending.append(batch)
         rows += len(batch)
         if rows >= options.commit_rows:
@@ -216,7 +222,8 @@ def score(options: ScoreOptions) -> dict:
         ledger.repair(out, read_in_full=folder)  # the parts the report will read, checked in full
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state = {"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
-                 "status": "running", "archives": [str(r) for r in roots], "options": asdict(options)}
+                 "status": "running", "archives": [str(r) for r in roots], "options": asdict(options),
+                 "baseline": info.baseline}
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         known = ledger.known_keys(out, info.version)
         files = folder / ".work" / "files"
@@ -225,7 +232,9 @@ def score(options: ScoreOptions) -> dict:
                                      follow_symlinks=options.follow_symlinks)
         log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
                  len(known), info.version)
-        written = _score_files(options, pool, files, info, known, folder, out, times) if counts["files"] else 0
+        live = LiveRunMetrics(folder.name, info.version)
+        log.info("run %s: live metrics at %s", folder.name, metrics_url())
+        written = _score_files(options, pool, files, info, known, folder, out, times, live) if counts["files"] else 0
         shutil.rmtree(folder / ".work", ignore_errors=True)
         state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      found=counts["files"], scored_now=written, skipped_already_scored=counts["files"] - written,
@@ -237,4 +246,5 @@ def score(options: ScoreOptions) -> dict:
         state["timing"] = summary["timing"] = times.as_dict(written)
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         write_json(folder / "report" / "summary.json", summary)
+        write_textfiles(folder, summary)
         return summary

@@ -11,7 +11,8 @@ answer; the replica keeps serving. Memory is bounded per replica
 (`ServeSettings.memory_budget_mb`): bodies are read with a size cap and share a byte
 budget, and a semaphore lets only as many images decode at once as the replica has CPUs.
 No endpoint takes a server-side path. A bearer token (an environment variable or a file)
-guards every endpoint but /healthz when it is set.
+guards every endpoint but /healthz when it is set. Each replica records Prometheus metrics
+(answers by class, OOD flags, rejections by reason, latency, batch sizes; serving/metrics.py).
 """
 
 import asyncio
@@ -35,6 +36,7 @@ from xray_ray.processes import process_footprint, sigterm_as_interrupt, stop_sig
 from xray_ray.ray_runtime import LOOPBACK, ensure_ray, started_local_ray
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
+from xray_ray.serving.metrics import replica_metrics
 from xray_ray.serving.settings import ServeSettings, read_token
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,25 @@ _bind_replica_grpc_to_loopback()
 api = FastAPI(title="xray-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+@api.middleware("http")
+async def _timed(request: Request, call_next):
+    """Every request's latency and status into the replica's metrics (a 500 when the route raised)."""
+    started, status = time.perf_counter(), 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        if metrics := replica_metrics():
+            path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+            metrics.request(path[len(root):] if root and path.startswith(root) else path, status,
+                            time.perf_counter() - started)
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    if metrics := replica_metrics():
+        metrics.rejected.inc(tags={"reason": err.error})
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status, headers=headers)
 
@@ -86,6 +105,8 @@ class XrayClassifier:
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
         self.explainer = ExplainLimiter()
+        self.metrics = replica_metrics(serve.get_replica_context().app_name, self.classifier.version,
+                                       self.classifier.engine)
         log.info("serving %s on %s; batches up to %d; %d image(s) decoded at once; memory budget %.0f MB; token %s",
                  self.classifier.version, self.classifier.engine, settings.max_batch_size, settings.decode_slots,
                  settings.memory_budget_mb(), "required" if self.token else "off")
@@ -101,7 +122,9 @@ class XrayClassifier:
     async def infer(self, images: list[np.ndarray]) -> list[dict]:
         """Requests that arrive together share one forward pass (sizes kept for /stats); one answer row each."""
         self.batch_sizes[len(images)] += 1
+        self.metrics.batch_size.observe(len(images))
         predictions = await asyncio.to_thread(self.classifier.predict_arrays, np.stack(images))
+        self.metrics.answered(predictions, "http")
         return predictions.rows()
 
     async def _answer(self, data: bytes) -> dict:
@@ -150,6 +173,7 @@ class XrayClassifier:
         try:
             return {"file": name, "status": "ok", **await self._answer(data)}
         except ApiError as err:
+            self.metrics.rejected.inc(tags={"reason": err.error})
             return {"file": name, "status": "error", "error": err.error, "reason": err.reason}
 
     @api.get("/healthz")
@@ -183,6 +207,7 @@ class XrayClassifier:
         """Calibrated probabilities and the OOD score and flag for an already-preprocessed batch (the scoring
         job's serve backend)."""
         predictions = self.classifier.predict_arrays(batch)
+        self.metrics.answered(predictions, "scoring")
         return {"probabilities": predictions.probabilities, "classes": predictions.classes,
                 "ood_score": predictions.ood_score, "out_of_distribution": predictions.out_of_distribution,
                 "model_version": predictions.model_version, "engine": predictions.engine}
