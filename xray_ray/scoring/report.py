@@ -207,7 +207,7 @@ def _drift_section(found: dict) -> Section:
              f"the images the model was trained and tested on (its model card) and with the last runs in this "
              f"output folder (up to {drift.RECENT_RUNS}, pooled). The class mix is flagged when at least "
              f"{limits['class_mix_distance']:.0%} of answers would have to change class to match the baseline; the "
-             f"out-of-distribution rate when it is {limits['ood_rate_rise']:.0%} points or more above the "
+             f"out-of-distribution rate when it is {100 * limits['ood_rate_rise']:.0f} percentage points or more above "
              f"baseline's. Either is flagged only when chance is an unlikely explanation (p-value below "
              f"{limits['p_value']}), so a small run does not raise a flag on noise. A shift in answers can be a "
              "change in the patients or in the images; it is a reason to look, not a finding."),
