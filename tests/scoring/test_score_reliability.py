@@ -243,7 +243,8 @@ def test_summary_breaks_the_run_down_by_stage_and_the_default_pool_fits_the_clus
     timing = summary["timing"]
     assert timing["images_scored"] == summary["scored"] == 24
     busy = timing["stage_busy_s"]
-    assert set(busy) == {"discovery", "read", "hash", "decode_preprocess", "queueing", "model", "write", "report"}
+    assert set(busy) == {"discovery", "read", "hash", "decode_preprocess", "model", "write", "report"}
+    assert 0 <= timing["queue_wait_s_per_image"] <= timing["wall_s"]  # a wait per image, not summed over images
     assert all(seconds >= 0 for seconds in busy.values())
     assert busy["model"] > 0 and busy["decode_preprocess"] > 0 and busy["write"] > 0 and busy["report"] > 0
     assert 0 < timing["startup_s"]["first_result_s"] <= timing["wall_s"]

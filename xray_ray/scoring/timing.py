@@ -5,7 +5,9 @@ and actors time reading, hashing, decoding, waiting for an actor and the model, 
 rows carry those seconds (`pipeline.TIMING_PREFIX` columns) to the driver, which sums them.
 Stages overlap in a pipeline, so the stage seconds are busy time (summed over every task
 and actor), shown beside the run's wall time: a stage whose busy time approaches the wall
-time times its workers is the one that holds the run back.
+time times its workers is the one that holds the run back. Queueing is not work but each
+image's wait between its decoding and the model: summed over images it would dwarf every
+stage, so it is given apart, as the mean wait per image.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import pandas as pd
 from xray_ray.scoring.pipeline import TIMING_PREFIX, WORKER_STAGES
 
 DRIVER_STAGES = ("discovery", "write", "report")
-STAGES = ("discovery", "read", "hash", "decode_preprocess", "queueing", "model", "write", "report")
+STAGES = ("discovery", "read", "hash", "decode_preprocess", "model", "write", "report")
 
 
 class StageTimes:
     """Busy seconds per stage and start-up figures of one run, filled as it goes."""
 
     def __init__(self) -> None:
-        self.busy = dict.fromkeys((*STAGES, "model_load"), 0.0)
+        self.busy = dict.fromkeys((*STAGES, "queueing", "model_load"), 0.0)
         self.startup: dict[str, float] = {}
         self.started = time.perf_counter()
 
@@ -61,4 +63,5 @@ class StageTimes:
         return {"wall_s": round(wall, 2), "images_scored": images,
                 "images_per_s": round(images / wall, 2) if wall > 0 else None,
                 "stage_busy_s": {stage: round(self.busy[stage], 2) for stage in STAGES},
+                "queue_wait_s_per_image": round(self.busy["queueing"] / images, 3) if images else None,
                 "startup_s": {key: round(value, 2) for key, value in startup.items()}}
