@@ -26,6 +26,12 @@ def user_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _as_a_terminal_starts_it() -> None:
+    """Ctrl-C's SIGINT at its default, as a terminal's shell leaves it: a test run launched in the background
+    of a non-interactive shell inherits it ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """`xray-ray ARGS` in its own session, so its process group is what a terminal's foreground job would be."""
 
@@ -34,7 +40,7 @@ class Command:
         self.sink = open(log, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "xray_ray.cli", *args], cwd=cwd,
                                         env=env or user_env(), stdout=self.sink, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_as_a_terminal_starts_it)
         self.seen: set[int] = set()
 
     def output(self) -> str:

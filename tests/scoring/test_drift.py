@@ -39,6 +39,7 @@ def test_the_card_comparison_flags_large_shifts_that_are_more_than_chance(per_cl
     found = drift.compare(_summary("tonight", per_class, flagged), BALANCED, recent=[])
     assert _verdicts(found, "model card") == expected
     assert found["shifted"] == any(expected.values())
+    assert [row["against"] for row in found["comparisons"]] == ["model card"]  # no earlier runs: no such row
     assert len(found["flags"]) == sum(expected.values())
 
 

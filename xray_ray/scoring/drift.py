@@ -78,11 +78,10 @@ def compare(summary: dict, baseline: dict, recent: list[dict]) -> dict:
     pooled = np.array([sum(run.get("per_class", {}).get(name, 0) for run in recent) for name in CLASS_NAMES], float)
     recent_scored = sum(int(run.get("scored", 0)) for run in recent)
     recent_flagged = sum(int(run.get("out_of_distribution", 0)) for run in recent)
-    references = {
-        "model card": (np.array([baseline["class_counts"].get(name, 0) for name in CLASS_NAMES], float),
-                       baseline.get("ood_rate")),
-        f"last {len(recent)} runs": (pooled, recent_flagged / recent_scored if recent_scored else None),
-    }
+    references = {"model card": (np.array([baseline["class_counts"].get(name, 0) for name in CLASS_NAMES], float),
+                                 baseline.get("ood_rate"))}
+    if recent:  # the first run in an output folder has no earlier runs to compare with
+        references[f"last {len(recent)} runs"] = (pooled, recent_flagged / recent_scored if recent_scored else None)
     comparisons = []
     for against, (reference_counts, reference_rate) in references.items():
         row = {"against": against}
