@@ -236,6 +236,16 @@ def test_real_images_with_class_folder_labels_give_the_full_report(model, real_r
     assert not any(real_root.glob("**/report"))  # nothing written into the shared data
 
 
+def test_predictions_stream_out_of_a_read_task_before_it_ends(model, tmp_path):
+    """One read task holds every file; its images still reach the actors, and their rows the driver, a block of
+    about one model batch at a time, so parts are committed while the task is still reading."""
+    archive = _phantoms(tmp_path / "archive", per_class=12)
+    _score(archive, model, tmp_path / "out", "streamed", batch_size=8, files_per_task=1000, commit_rows=8)
+    parts = sorted((tmp_path / "out" / "streamed" / "predictions").glob("part-*.parquet"))
+    sizes = [len(pd.read_parquet(part, columns=["path"])) for part in parts]
+    assert sum(sizes) == 48 and len(parts) >= 2, sizes  # one 48-row block would have made one part
+
+
 def test_summary_breaks_the_run_down_by_stage_and_the_default_pool_fits_the_cluster(model, tmp_path):
     """Every stage has its seconds, start-up is apart, and with no flags the pool is sized from this 2-CPU Ray."""
     archive = _phantoms(tmp_path / "archive", per_class=6)

@@ -182,6 +182,10 @@ def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: Model
     # proportion to the archive. A fixed budget makes the reads wait instead.
     execution = ds.context.execution_options
     execution.resource_limits = execution.resource_limits.copy(object_store_memory=options.object_store_mb * 2**20)
+    # Blocks of about one model batch of packed inputs: Ray Data otherwise gathers a read task's whole
+    # output (files_per_task images) into one block, so the actors wait for a whole task's reading and the
+    # first rows wait for a whole task's predictions.
+    ds.context.target_max_block_size = max(options.batch_size * info.image_size**2, 2**16)
     written, pending, rows = 0, [], 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         times.mark("first_result_s")
