@@ -12,8 +12,9 @@ import pytest
 from xray_ray.config import CLASS_NAMES
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.scoring import drift
+from xray_ray.scoring.drift import DRIFT_PNG
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
-from xray_ray.scoring.report import DRIFT_PNG, write_report
+from xray_ray.scoring.report import write_report
 
 BALANCED = {"class_counts": dict.fromkeys(CLASS_NAMES, 100), "ood_rate": 0.05}
 

@@ -13,7 +13,8 @@ difference of the shares, i.e. the share of images that would have to change cla
 match) reaches `MIX_SHIFT` and a chi-square goodness-of-fit test gives p < `P_VALUE`; the
 out-of-distribution rate when it exceeds the baseline's by `OOD_RISE` or more and a
 one-sided binomial test gives p < `P_VALUE`. Small runs therefore never raise a flag on
-noise alone, and a baseline with no images gives no verdict.
+noise alone, and a baseline with no images gives no verdict. `write_drift` draws the trend
+chart into a run's report folder and `drift_section` is the report page's section.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 from scipy import stats
 
 from xray_ray.config import CLASS_NAMES
+from xray_ray.reports.figures import plot_drift_trend
+from xray_ray.reports.html import Image, Section, Table, Text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ MIX_SHIFT = 0.15
 OOD_RISE = 0.05
 P_VALUE = 0.01
 SUMMARY_PATH = Path("report") / "summary.json"
+DRIFT_PNG = "drift_trend.png"
 
 
 def recent_runs(out: Path, this_run: str, limit: int = RECENT_RUNS) -> list[dict]:
@@ -100,3 +104,58 @@ def compare(summary: dict, baseline: dict, recent: list[dict]) -> dict:
               "out_of_distribution": int(run.get("out_of_distribution", 0))} for run in [*recent, summary]]
     return {"thresholds": {"class_mix_distance": MIX_SHIFT, "ood_rate_rise": OOD_RISE, "p_value": P_VALUE},
             "comparisons": comparisons, "flags": flags, "shifted": bool(flags), "trend": trend}
+
+
+def write_drift(report: Path, summary: dict, baseline: dict) -> dict:
+    """Compare this run with the card and the last runs under the same output folder; draw the trend."""
+    found = compare(summary, {"class_counts": {}, **baseline}, recent_runs(report.parents[1], summary["run"]))
+    card = next(row for row in found["comparisons"] if row["against"] == "model card")
+    plot_drift_trend(report / DRIFT_PNG, found["trend"], list(CLASS_NAMES),
+                     card.get("class_mix", {}).get("baseline_shares", {}), baseline.get("ood_rate"),
+                     "This run against the model card and the runs before it")
+    return found
+
+
+def _drift_rows(found: dict) -> list[dict]:
+    """One table row per comparison made: what was compared, tonight against the baseline, the verdict."""
+    rows = []
+    for row in found["comparisons"]:
+        if "class_mix" in row:
+            mix = row["class_mix"]
+            rows.append({"Against": row["against"], "Compared": "class mix",
+                         "This run": ", ".join(f"{k} {v:.0%}" for k, v in mix["shares"].items()),
+                         "Baseline": ", ".join(f"{k} {v:.0%}" for k, v in mix["baseline_shares"].items()),
+                         "Shift": f"{mix['distance']:.1%} of answers", "p-value": f"{mix['p_value']:.3g}",
+                         "Flagged": "YES" if mix["flagged"] else "no"})
+        if "out_of_distribution" in row:
+            ood = row["out_of_distribution"]
+            rows.append({"Against": row["against"], "Compared": "out-of-distribution rate",
+                         "This run": f"{ood['rate']:.1%}", "Baseline": f"{ood['baseline_rate']:.1%}",
+                         "Shift": f"{ood['rise']:+.1%}", "p-value": f"{ood['p_value']:.3g}",
+                         "Flagged": "YES" if ood["flagged"] else "no"})
+    return rows
+
+
+def drift_section(found: dict) -> Section:
+    """The report page's drift section: the verdict, the comparisons, what the thresholds mean, the trend."""
+    limits = found["thresholds"]
+    verdict = ("The archive has changed: " + "; ".join(found["flags"]) + ". Check what is new in it (another "
+               "scanner, ward or protocol, a new source of files) before trusting tonight's counts."
+               if found["shifted"] else "No shift beyond the thresholds below.")
+    rows = _drift_rows(found)
+    return Section("Has the archive changed? (drift)", [
+        Text(verdict),
+        Table(rows) if rows else Text("Nothing to compare yet: no scored images, or no baseline."),
+        Text(f"Tonight's mix of answers (in-distribution images) and out-of-distribution rate are compared with "
+             f"the images the model was trained and tested on (its model card) and with the last runs in this "
+             f"output folder (up to {RECENT_RUNS}, pooled). The class mix is flagged when at least "
+             f"{limits['class_mix_distance']:.0%} of answers would have to change class to match the baseline; the "
+             f"out-of-distribution rate when it is {100 * limits['ood_rate_rise']:.0f} percentage points or more above "
+             f"baseline's. Either is flagged only when chance is an unlikely explanation (p-value below "
+             f"{limits['p_value']}), so a small run does not raise a flag on noise. A shift in answers can be a "
+             "change in the patients or in the images; it is a reason to look, not a finding."),
+        Image(DRIFT_PNG, "Class mix and out-of-distribution rate per run, with the baseline",
+              "Left: the share of answers per class, for the model card's images and each run (tonight last). "
+              "Right: the share of images flagged out of distribution per run; the dashed line is the model "
+              "card's rate on its held-out test images."),
+    ])

@@ -16,7 +16,7 @@ import pandas as pd
 
 from xray_ray.config import CLASS_NAMES
 from xray_ray.images.synth import SYNTHETIC_NOTE
-from xray_ray.reports.figures import plot_confusion_matrix, plot_drift_trend, plot_histograms
+from xray_ray.reports.figures import plot_confusion_matrix, plot_histograms
 from xray_ray.reports.html import Image, KeyValues, Links, Metrics, Section, Table, Text, write_html
 from xray_ray.reports.metrics import evaluate
 from xray_ray.reports.tables import (
@@ -31,7 +31,6 @@ from xray_ray.scoring.explain import gallery_blocks, write_explanations
 from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
 
 FLAGGED_CSV = "out_of_distribution.csv"
-DRIFT_PNG = "drift_trend.png"
 
 CLASS_CSV = {name: f"files_{name.replace(' ', '_')}.csv" for name in CLASS_NAMES}
 
@@ -140,22 +139,11 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
         "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
                                                          "class folders", **evaluation.as_dict()},
     }
-    summary["drift"] = _write_drift(report, summary, state.get("baseline") or {})
+    summary["drift"] = drift.write_drift(report, summary, state.get("baseline") or {})
     write_json(report / "summary.json", summary)
     _write_page(report, summary, counts, review_rows, error_rows, evaluation, flagged_rows,
                 gallery_blocks(explained, explain_note))
     return summary
-
-
-def _write_drift(report: Path, summary: dict, baseline: dict) -> dict:
-    """Compare this run with the card and the last runs under the same output folder; draw the trend."""
-    found = drift.compare(summary, {"class_counts": {}, **baseline}, drift.recent_runs(report.parents[1],
-                                                                                        summary["run"]))
-    card = next(row for row in found["comparisons"] if row["against"] == "model card")
-    plot_drift_trend(report / DRIFT_PNG, found["trend"], list(CLASS_NAMES),
-                     card.get("class_mix", {}).get("baseline_shares", {}), baseline.get("ood_rate"),
-                     "This run against the model card and the runs before it")
-    return found
 
 
 def split_flagged(scored: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -172,50 +160,6 @@ def flagged_listing(flagged: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
     rows = _listing(flagged, roots).assign(ood_score=flagged["ood_score"].round(3).to_numpy())
     rows = rows[["file", "ood_score", *[c for c in rows.columns if c not in ("file", "ood_score")]]]
     return rows.sort_values("ood_score", ascending=False)
-
-
-def _drift_rows(found: dict) -> list[dict]:
-    """One table row per comparison made: what was compared, tonight against the baseline, the verdict."""
-    rows = []
-    for row in found["comparisons"]:
-        if "class_mix" in row:
-            mix = row["class_mix"]
-            rows.append({"Against": row["against"], "Compared": "class mix",
-                         "This run": ", ".join(f"{k} {v:.0%}" for k, v in mix["shares"].items()),
-                         "Baseline": ", ".join(f"{k} {v:.0%}" for k, v in mix["baseline_shares"].items()),
-                         "Shift": f"{mix['distance']:.1%} of answers", "p-value": f"{mix['p_value']:.3g}",
-                         "Flagged": "YES" if mix["flagged"] else "no"})
-        if "out_of_distribution" in row:
-            ood = row["out_of_distribution"]
-            rows.append({"Against": row["against"], "Compared": "out-of-distribution rate",
-                         "This run": f"{ood['rate']:.1%}", "Baseline": f"{ood['baseline_rate']:.1%}",
-                         "Shift": f"{ood['rise']:+.1%}", "p-value": f"{ood['p_value']:.3g}",
-                         "Flagged": "YES" if ood["flagged"] else "no"})
-    return rows
-
-
-def _drift_section(found: dict) -> Section:
-    limits = found["thresholds"]
-    verdict = ("The archive has changed: " + "; ".join(found["flags"]) + ". Check what is new in it (another "
-               "scanner, ward or protocol, a new source of files) before trusting tonight's counts."
-               if found["shifted"] else "No shift beyond the thresholds below.")
-    rows = _drift_rows(found)
-    return Section("Has the archive changed? (drift)", [
-        Text(verdict),
-        Table(rows) if rows else Text("Nothing to compare yet: no scored images, or no baseline."),
-        Text(f"Tonight's mix of answers (in-distribution images) and out-of-distribution rate are compared with "
-             f"the images the model was trained and tested on (its model card) and with the last runs in this "
-             f"output folder (up to {drift.RECENT_RUNS}, pooled). The class mix is flagged when at least "
-             f"{limits['class_mix_distance']:.0%} of answers would have to change class to match the baseline; the "
-             f"out-of-distribution rate when it is {100 * limits['ood_rate_rise']:.0f} percentage points or more above "
-             f"baseline's. Either is flagged only when chance is an unlikely explanation (p-value below "
-             f"{limits['p_value']}), so a small run does not raise a flag on noise. A shift in answers can be a "
-             "change in the patients or in the images; it is a reason to look, not a finding."),
-        Image(DRIFT_PNG, "Class mix and out-of-distribution rate per run, with the baseline",
-              "Left: the share of answers per class, for the model card's images and each run (tonight last). "
-              "Right: the share of images flagged out of distribution per run; the dashed line is the model "
-              "card's rate on its held-out test images."),
-    ])
 
 
 def _accuracy_section(evaluation, source: str) -> Section:
@@ -288,7 +232,7 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
                  "like the training data, answers given with confidence 0.8 were right about 80 % of the time. It "
                  "is measured on the model's validation images, so it holds only for images like them."),
         ]),
-        _drift_section(summary["drift"]),
+        drift.drift_section(summary["drift"]),
         Section("How sure the model was", [
             Image("confidence_by_class.png", "Histograms of the model's confidence, one per predicted class",
                   "Each panel counts the images put in one class by how confident the model was; bars on the "
