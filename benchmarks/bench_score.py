@@ -213,7 +213,7 @@ def main() -> None:
         for key in ("ratio_job_to_model", "ratio_job_to_seed_loop"):
             for pool, _, _ in pools:
                 found = [r[key] for r in rows if r["pool"] == pool and r["engine"] == "onnxruntime"]
-                ratios[f"{key}[{pool}]"] = [round(min(found), 3), round(max(found), 3)]
+                ratios[key if pool == "sized" else f"{key}[{pool}]"] = [round(min(found), 3), round(max(found), 3)]
         if args.keras:
             keras_loop = [r["seed_loop_img_s"] for r in rows if r["engine"] == "keras"]
             onnx_jobs = [r["job_img_s"] for r in rows if r["engine"] == "onnxruntime" and r["pool"] == "sized"]

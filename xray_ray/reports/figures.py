@@ -211,7 +211,8 @@ def plot_drift_trend(path: str | Path, runs: list[dict], class_names: list[str],
         rate.axhline(100 * baseline_rate, color="grey", linestyle="--", linewidth=1, label="model card")
     rate.set_xticks(range(len(runs)), [run["run"] for run in runs], rotation=30, ha="right",
                     rotation_mode="anchor", fontsize=8)
-    rate.set(ylabel="% flagged", title="Out-of-distribution rate", ylim=(0, 1.2 * max([5.0, 100 * (baseline_rate or 0), *np.nan_to_num(rates)])))
+    top = max([5.0, 100 * (baseline_rate or 0), *np.nan_to_num(rates)])
+    rate.set(ylabel="% flagged", title="Out-of-distribution rate", ylim=(0, 1.2 * top))
     rate.legend(fontsize=7)
     rate.grid(alpha=0.3)
     return _save(fig, path)

@@ -19,7 +19,6 @@ whole run's figures (every attempt of it) from its summary, as gauges named
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -66,42 +65,33 @@ class LiveRunMetrics:
         self.speed.set(self.rows / max(time.perf_counter() - self.started, 1e-9))
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _family(name: str, help_text: str, samples: Iterable[tuple[dict, float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-    for labels, value in samples:
-        rendered = ",".join(f'{key}="{_escape(val)}"' for key, val in labels.items())
-        lines.append(f"{name}{{{rendered}}} {float(value):g}")
-    return lines
-
-
 def prometheus_text(summary: dict) -> str:
-    """The run's figures from its summary, in Prometheus' text exposition format."""
-    run = {"run": summary["run"], "model_version": summary["model_version"]}
+    """The run's figures from its summary, in Prometheus' text exposition format (prometheus_client's)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry, run = CollectorRegistry(), {"run": summary["run"], "model_version": summary["model_version"]}
+
+    def gauge(name: str, help_text: str, values: dict[str, float] | float, label: str | None = None) -> None:
+        family = Gauge(f"xray_scoring_last_run_{name}", help_text, [*run, *([label] if label else [])],
+                       registry=registry)
+        for key, value in (values.items() if label else [(None, values)]):
+            family.labels(**run, **({label: key} if label else {})).set(value)
+
     timing = summary.get("timing") or {}
-    prefix = "xray_scoring_last_run_"
-    families = [
-        ("files", "Files of the run, by status (ok, error).",
-         [({**run, "status": "ok"}, summary["scored"]), ({**run, "status": "error"}, summary["errors"])]),
-        ("errors", "Files that could not be scored, by error code.",
-         [({**run, "code": code}, n) for code, n in summary["error_codes"].items()]),
-        ("predictions", "In-distribution answers, by predicted class.",
-         [({**run, "predicted_class": name}, n) for name, n in summary["per_class"].items()]),
-        ("out_of_distribution", "Answers flagged out of distribution.", [(run, summary["out_of_distribution"])]),
-        ("scored_this_time", "Files scored by the last attempt (the rest had been scored before).",
-         [(run, summary.get("scored_this_time") or 0)]),
-        ("wall_seconds", "Wall time of the last attempt.", [(run, timing.get("wall_s") or 0)]),
-        ("images_per_second", "Images scored per second of the last attempt's wall time.",
-         [(run, timing.get("images_per_s") or 0)]),
-        ("drift_shifted", "1 when the report flagged a shift in class mix or out-of-distribution rate.",
-         [(run, int(bool((summary.get("drift") or {}).get("shifted"))))]),
-        ("finished_timestamp_seconds", "When the run finished (Unix time).", [(run, time.time())]),
-    ]
-    lines = [line for name, help_text, samples in families for line in _family(prefix + name, help_text, samples)]
-    return "\n".join(lines) + "\n"
+    gauge("files", "Files of the run, by status (ok, error).", {"ok": summary["scored"], "error": summary["errors"]},
+          "status")
+    gauge("errors", "Files that could not be scored, by error code.", summary["error_codes"], "code")
+    gauge("predictions", "In-distribution answers, by predicted class.", summary["per_class"], "predicted_class")
+    gauge("out_of_distribution", "Answers flagged out of distribution.", summary["out_of_distribution"])
+    gauge("scored_this_time", "Files scored by the last attempt (the rest had been scored before).",
+          summary.get("scored_this_time") or 0)
+    gauge("wall_seconds", "Wall time of the last attempt.", timing.get("wall_s") or 0)
+    gauge("images_per_second", "Images scored per second of the last attempt's wall time.",
+          timing.get("images_per_s") or 0)
+    gauge("drift_shifted", "1 when the report flagged a shift in class mix or out-of-distribution rate.",
+          int(bool((summary.get("drift") or {}).get("shifted"))))
+    gauge("finished_timestamp_seconds", "When the run finished (Unix time).", time.time())
+    return generate_latest(registry).decode()
 
 
 def write_textfiles(folder: Path, summary: dict) -> Path:
