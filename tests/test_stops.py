@@ -32,7 +32,7 @@ def assert_all_on_loopback(command: Command, what: str) -> list[dict]:
     listeners = command.listeners()
     print(f"\n{what}: {len(listeners)} TCP listeners")
     for row in listeners:
-        print(f"  {row['address']:>18}:{row['port']:<6} pid {row['pid']:<7} {row['process']}")
+        print(f"  {row['address']:>18}:{row['port']:<6} pid {row['pid']:<7} {Path(row['process']).name[:60]}")
     assert listeners, "no listener found: the process tree was not read"
     exposed = [row for row in listeners if not is_loopback_host(row["address"])]
     assert not exposed, f"{what} listens beyond loopback: {exposed}"
@@ -102,7 +102,7 @@ def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_m
         server.wait_for(lambda: metrics in server.output(), 60, "the metrics address printed")
         assert httpx.get(metrics, timeout=10).status_code == 200
         if how == "interrupt":
-            gcs = next(row["port"] for row in listeners if row["process"].endswith("gcs_server"))
+            gcs = next(row["port"] for row in listeners if Path(row["process"]).name == "gcs_server")
             assert_refuses_a_driver_without_the_token(f"127.0.0.1:{gcs}")
         assert_stops(server, how)
     finally:

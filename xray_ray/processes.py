@@ -168,7 +168,8 @@ def _address(hex_address: str) -> tuple[str, int]:
 
 
 def tcp_listeners(pids: list[int]) -> list[dict]:
-    """Every TCP socket in LISTEN state owned by one of `pids`: address, port, pid and process title."""
+    """Every TCP socket in LISTEN state owned by one of `pids`: address, port, pid and process title (the
+    whole first word of its command line: a binary's full path, however deep the install lies)."""
     owner = {inode: pid for pid in pids for inode in _socket_inodes(pid)}
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -182,6 +183,6 @@ def tcp_listeners(pids: list[int]) -> list[dict]:
                 continue
             ip, port = _address(fields[1])
             pid = owner[fields[9]]
-            title = command_line(pid).split(b"\0")[0].decode(errors="replace")[:80]
+            title = command_line(pid).split(b"\0")[0].decode(errors="replace")
             found.append({"address": ip, "port": port, "pid": pid, "process": title})
     return sorted(found, key=lambda row: (row["port"], row["pid"]))
