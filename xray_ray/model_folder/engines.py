@@ -55,9 +55,10 @@ def onnx_threads() -> int:
     return os.cpu_count() or 1
 
 
-def onnx_session(model: bytes | str | Path, threads: int | None = None, gpu: bool = True):
-    """An ONNX Runtime session over a file or serialized bytes: sequential, `threads` intra-op threads
-    (default `onnx_threads()`), CUDA first when `gpu` and available, quiet logs."""
+def session_options(threads: int | None = None):
+    """The product's ONNX Runtime settings: every graph optimisation, `threads` intra-op threads (default
+    `onnx_threads()`), one inter-op thread, sequential execution, the arena and memory patterns on (ORT's
+    defaults), quiet logs. benchmarks/bench_ort.py measures the alternatives against exactly these."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -65,6 +66,15 @@ def onnx_session(model: bytes | str | Path, threads: int | None = None, gpu: boo
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    return options
+
+
+def onnx_session(model: bytes | str | Path, threads: int | None = None, gpu: bool = True, options=None):
+    """An ONNX Runtime session over a file or serialized bytes with `options` (default `session_options(threads)`),
+    CUDA first when `gpu` and available."""
+    import onnxruntime as ort
+
+    options = options or session_options(threads)
     providers = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
