@@ -17,7 +17,10 @@ default (1 actor x 1 CPU), each repeated (--repeats). `ratio_job_to_model` is th
 its start-up (first scored row) excluded over the model-only ceiling; `ratio_job_to_seed_loop`
 is the job, start-up included, over the seed-style loop on the same engine; with --keras,
 `ratio_job_to_keras_seed_loop` is what the engine buys a nightly run. Each run's per-stage
-busy seconds (summary.json's `timing`) are saved beside them.
+busy seconds (summary.json's `timing`) are saved beside them, with where the machine's CPU went
+(`cpu_s_*`: CPU seconds of the driver, the scoring actors, the read tasks, Ray Data's helper
+actors and Ray's own services, sampled from /proc, next to the machine's busy and available
+CPU seconds over the run): what the job spends beyond the model is what keeps it from the ceiling.
 Memory: the job scores 2,000 and then 20,000 files (hard links to the same phantoms, each
 scored as its own file) in fresh Ray instances, while the proportional set size (PSS, so
 shared object-store pages count once) of the driver plus every Ray process it started is
@@ -58,6 +61,41 @@ def _is_scoring_actor(pid: int) -> bool:
     """Ray titles a Ray Data actor's process `ray::MapWorker(MapBatches(ActorScorer))...`."""
     title = command_line(pid)
     return title.startswith(b"ray::") and b"ActorScorer" in title
+
+
+RAY_DATA_HELPERS = (b"_StatsActor", b"_AutoscalingCoordinatorActor", b"ActorLocationTracker")
+RAY_SERVICES = (b"DashboardAgent", b"RuntimeEnvAgent")
+CPU_ROLES = ("driver", "scoring_actor", "read_tasks", "ray_data_helpers", "ray_services")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat); None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz  # idle and iowait are not busy
+
+
+def cpu_role(pid: int, driver: int) -> str | None:
+    """What a process of the job's tree is for; None while a Ray worker is idle (its role is not known yet)."""
+    title = command_line(pid).split(b"\0")[0]
+    if pid == driver:
+        return "driver"
+    if b"ActorScorer" in title:
+        return "scoring_actor"
+    if any(name in title for name in RAY_DATA_HELPERS):
+        return "ray_data_helpers"
+    if not title.startswith(b"ray::") or any(name in title for name in RAY_SERVICES):
+        return "ray_services"  # raylet, gcs_server, the dashboard and its agents
+    return None if title == b"ray::IDLE" else "read_tasks"
 
 
 def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
@@ -101,10 +139,19 @@ def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per
             env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
         peak = {"tree_pss_mb": 0.0, "driver_pss_mb": 0.0, "actor_rss_mb": 0.0}
+        used: dict[int, float] = {}
+        roles: dict[int, str] = {}
+        machine_before = machine_cpu_seconds()
 
         def sample():
             while process.poll() is None:
                 tree = process_tree(process.pid)
+                for pid in tree:
+                    seconds, role = cpu_seconds(pid), cpu_role(pid, process.pid)
+                    if seconds is not None:
+                        used[pid] = seconds
+                    if role is not None and roles.get(pid) != "scoring_actor":  # a worker keeps its actor role
+                        roles[pid] = role
                 peak["driver_pss_mb"] = max(peak["driver_pss_mb"], _pss_mb(process.pid))
                 peak["tree_pss_mb"] = max(peak["tree_pss_mb"], sum(_pss_mb(p) for p in tree))
                 peak["actor_rss_mb"] = max([peak["actor_rss_mb"], *((proc_field_mb(p, "VmHWM") or 0.0) for p in tree
@@ -117,7 +164,13 @@ def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per
         sampler.join()
         if process.returncode:
             raise SystemExit(f"scoring job failed:\n{stderr[-3000:]}")
-        return {**json.loads(stdout.strip().splitlines()[-1]), **peak}
+        busy, total = (after - before for after, before in zip(machine_cpu_seconds(), machine_before))
+        cpu = {"machine_busy": busy, "machine_available": total, **dict.fromkeys(CPU_ROLES, 0.0)}
+        for pid, seconds in used.items():
+            role = roles.get(pid, "read_tasks")  # a worker only ever seen idle ran read tasks between samples
+            cpu[role] = cpu.get(role, 0.0) + seconds
+        return {**json.loads(stdout.strip().splitlines()[-1]), **peak,
+                "cpu_s": {key: round(value, 1) for key, value in cpu.items()}}
 
 
 def model_only(classifier, inputs: np.ndarray, batch: int) -> float:
@@ -206,7 +259,8 @@ def main() -> None:
                                  "ratio_job_to_model": steady / one, "ratio_job_to_seed_loop": three / two,
                                  "actor_peak_rss_mb": job["actor_rss_mb"]})
                     breakdowns.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "wall_s": timing["wall_s"],
-                                       **timing["stage_busy_s"], **timing["startup_s"]})
+                                       **timing["stage_busy_s"], **timing["startup_s"],
+                                       **{f"cpu_s_{role}": seconds for role, seconds in job["cpu_s"].items()}})
         print_table(rows)
         print_table(breakdowns)
         ratios = {}
