@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--replica-cpus", type=float, default=2.0)
     parser.add_argument("--engines", nargs="+", default=["onnxruntime", "keras"])
     parser.add_argument("--repeats", type=int, default=2, help="each figure measured this many times: ranges")
+    parser.add_argument("--save-as", default="serve", help="figures go to reports/bench/<this>.json")
     args = parser.parse_args()
 
     import ray
@@ -154,7 +155,7 @@ def main() -> None:
           f"(goal >= 0.6), batching on/off {ranges['ratio_batching_on_off']}, p99 / one max-batch "
           f"({args.max_batch}) forward {ranges['p99_over_max_batch_forward']} (goal <= 3). "
           f"Clients ran on the same {args.replica_cpus:g}-CPU machine as the replica.")
-    print("saved", save("serve", {
+    print("saved", save(args.save_as, {
         "model": {"backbone": card["backbone"], "image_size": card["input"]["size"], "version": card["version"]},
         "replica_cpus": args.replica_cpus, "max_batch": args.max_batch, "wait_ms": args.wait_ms,
         "requests_per_run": args.requests, "data": synth.SYNTHETIC_NOTE, "rows": rows, "per_repeat": per_repeat,
