@@ -14,6 +14,7 @@ from xray_ray.images.preprocess import preprocess
 from xray_ray.images.synth import phantom
 from xray_ray.model_folder.card import OOD_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
+from xray_ray.model_folder.onnx_export import PARITY_TOLERANCE
 from xray_ray.model_folder.reliability import fit_reliability
 
 pytestmark = pytest.mark.timeout(1200)
@@ -105,4 +106,4 @@ def test_keras_and_onnxruntime_give_the_same_ood_score(compact_model):
     relative = np.abs(keras.ood_score - onnx.ood_score) / np.maximum(np.abs(onnx.ood_score), 1.0)
     assert relative.max() <= 1e-3, relative
     assert (keras.out_of_distribution == onnx.out_of_distribution).all()
-    np.testing.assert_allclose(keras.probabilities, onnx.probabilities, atol=1e-4)
+    np.testing.assert_allclose(keras.probabilities, onnx.probabilities, atol=PARITY_TOLERANCE)

@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 OPSET = 15
 INPUT_NAME = "input"
-PARITY_TOLERANCE = 1e-4
-"""Largest |Δprob| between Keras and ONNX Runtime for the file to be usable."""
+PARITY_TOLERANCE = 1e-3
+"""Largest |Δprob| between Keras and ONNX Runtime for the file to be usable. The two engines' kernels round
+differently, and by how much depends on the CPU: 1e-6 to 1.4e-4 measured on real images, 2.2e-4 on phantoms
+with EfficientNetB1 on an AVX-512 VNNI machine. A tenth of a percentage point keeps a margin over that and
+is still far below any difference a reviewer's threshold could notice; the argmax must agree as well."""
 OUTPUT_TOLERANCE = 1e-3
 """Largest relative difference of the features and maps outputs (they feed OOD scores and Grad-CAM)."""
 PARITY_PER_CLASS = 4
