@@ -35,6 +35,7 @@ from tests.helpers import phantom_batch, train_and_export
 from xray_ray.images.synth import SYNTHETIC_NOTE
 from xray_ray.model_folder.card import ONNX_FILE
 from xray_ray.model_folder.engines import onnx_session, session_options
+from xray_ray.model_folder.onnx_export import INPUT_NAME
 
 AGREEMENT_GOAL = 0.995
 
@@ -72,8 +73,8 @@ def options_for(changes: dict, threads: int):
 class Reader:
     """onnxruntime.quantization's calibration reader over a batch of preprocessed images, one at a time."""
 
-    def __init__(self, images: np.ndarray, input_name: str):
-        self.feeds = iter([{input_name: image[None]} for image in images])
+    def __init__(self, images: np.ndarray):
+        self.feeds = iter([{INPUT_NAME: image[None]} for image in images])
 
     def get_next(self):
         return next(self.feeds, None)
@@ -87,15 +88,14 @@ def quantise(folder: Path, calibration: np.ndarray, out: Path) -> Path:
     prepared = out.with_suffix(".pre.onnx")
     # The graph's shapes are static, so ONNX's own shape inference suffices (the symbolic one needs sympy).
     quant_pre_process(str(folder / ONNX_FILE), str(prepared), skip_symbolic_shape=True)
-    input_name = onnx_session(prepared, gpu=False).get_inputs()[0].name
-    quantize_static(prepared, out, Reader(calibration, input_name), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(prepared, out, Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
 
 def run_all(session, x: np.ndarray, batch: int) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(["probabilities"], {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(["probabilities"], {INPUT_NAME: x[i:i + batch]})[0]
+                           for i in range(0, len(x), batch)])
 
 
 def measure(folder: Path, size: int, args, label: str) -> dict:
@@ -107,8 +107,9 @@ def measure(folder: Path, size: int, args, label: str) -> dict:
         started = time.perf_counter()
         int8 = quantise(folder, calibration, Path(scratch) / "int8.onnx")
         quantise_s = time.perf_counter() - started
+        changed = variants(args.threads)
         sessions = {name: onnx_session(folder / ONNX_FILE, gpu=False, options=options_for(changes, args.threads))
-                    for name, changes in variants(args.threads).items()}
+                    for name, changes in changed.items()}
         sessions["int8_qdq"] = onnx_session(int8, gpu=False, options=options_for({}, args.threads))
         fp32_answers = run_all(sessions["product"], held_out, args.batch).argmax(axis=1)
         agreement = float((run_all(sessions["int8_qdq"], held_out, args.batch).argmax(axis=1) == fp32_answers).mean())
@@ -132,7 +133,7 @@ def measure(folder: Path, size: int, args, label: str) -> dict:
                       "ratio_max": max(ratios)})
     int8_row = next(row for row in table if row["variant"] == "int8_qdq")
     return {"model": label, "image_size": size, "threads": args.threads, "batch": args.batch, "images": len(x),
-            "variants": {name: variants(args.threads).get(name, "int8 QDQ static, product options") for name in names},
+            "variants": {name: changed.get(name, "int8 QDQ static, product options") for name in names},
             "table": table, "rounds": rounds, "quantise_s": quantise_s,
             "int8": {"argmax_agreement": agreement, "held_out_images": len(held_out),
                      "faster": int8_row["ratio_min"] > 1.0, "agreement_goal": AGREEMENT_GOAL,

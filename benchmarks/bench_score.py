@@ -49,7 +49,7 @@ from tests.helpers import train_and_export
 from xray_ray.images import synth
 from xray_ray.images.preprocess import decode_and_preprocess
 from xray_ray.model_folder.card import ModelCard
-from xray_ray.processes import command_line, proc_field_mb, process_tree
+from xray_ray.processes import command_line, cpu_seconds, proc_field_mb, process_tree
 
 
 def _pss_mb(pid: int) -> float:
@@ -68,15 +68,6 @@ RAY_SERVICES = (b"DashboardAgent", b"RuntimeEnvAgent")
 CPU_ROLES = ("driver", "scoring_actor", "read_tasks", "ray_data_helpers", "ray_services")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (/proc/<pid>/stat); None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def machine_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -86,11 +77,11 @@ def machine_cpu_seconds() -> tuple[float, float]:
 
 def cpu_role(pid: int, driver: int) -> str | None:
     """What a process of the job's tree is for; None while a Ray worker is idle (its role is not known yet)."""
-    title = command_line(pid).split(b"\0")[0]
     if pid == driver:
         return "driver"
-    if b"ActorScorer" in title:
+    if _is_scoring_actor(pid):
         return "scoring_actor"
+    title = command_line(pid).split(b"\0")[0]
     if any(name in title for name in RAY_DATA_HELPERS):
         return "ray_data_helpers"
     if not title.startswith(b"ray::") or any(name in title for name in RAY_SERVICES):
@@ -167,8 +158,7 @@ def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per
         busy, total = (after - before for after, before in zip(machine_cpu_seconds(), machine_before))
         cpu = {"machine_busy": busy, "machine_available": total, **dict.fromkeys(CPU_ROLES, 0.0)}
         for pid, seconds in used.items():
-            role = roles.get(pid, "read_tasks")  # a worker only ever seen idle ran read tasks between samples
-            cpu[role] = cpu.get(role, 0.0) + seconds
+            cpu[roles.get(pid, "read_tasks")] += seconds  # a worker only ever seen idle ran read tasks between samples
         return {**json.loads(stdout.strip().splitlines()[-1]), **peak,
                 "cpu_s": {key: round(value, 1) for key, value in cpu.items()}}
 

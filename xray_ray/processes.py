@@ -91,15 +91,29 @@ def process_footprint() -> dict:
             "tensorflow_imported": "tensorflow" in sys.modules}
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses): state, parent, process
+    group, ..., user and system CPU ticks at [11] and [12]; None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 12 else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process has used so far; None once it is gone."""
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every live process it started, directly or not (from each process's parent in /proc)."""
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
+        fields = stat_fields(entry)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [pid], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
@@ -110,28 +124,13 @@ def process_tree(pid: int) -> list[int]:
 
 def process_group(pgid: int) -> list[int]:
     """Every live process whose process group is `pgid` (a terminal's foreground job, a `start_new_session` child)."""
-    members = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+    return [int(entry) for entry in filter(str.isdigit, os.listdir("/proc"))
+            if (fields := stat_fields(entry)) is not None and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
 def still_running(pids: list[int]) -> list[int]:
     """Those of `pids` that are still running (not gone, not zombies)."""
-    running = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            running.append(pid)
-    return running
+    return [pid for pid in pids if (fields := stat_fields(pid)) is not None and fields[0] != "Z"]
 
 
 def command_line(pid: int) -> bytes:

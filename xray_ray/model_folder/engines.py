@@ -74,7 +74,7 @@ def onnx_session(model: bytes | str | Path, threads: int | None = None, gpu: boo
     CUDA first when `gpu` and available."""
     import onnxruntime as ort
 
-    options = options or session_options(threads)
+    options = session_options(threads) if options is None else options
     providers = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
