@@ -1,4 +1,4 @@
-"""The out-of-distribution score's math: shrinkage, Mahalanobis distances, the two views, the arrays on disk."""
+"""The out-of-distribution score's math: shrinkage, Mahalanobis distances, the two views, the threshold, the arrays on disk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
 
 from tests.helpers import phantom_batch
 from xray_ray.model_folder.classifier import Predictions
-from xray_ray.model_folder.ood import Gaussians, OodDetector, input_signature, ledoit_wolf
+from xray_ray.model_folder.ood import (
+    FORMAT,
+    SIGNATURE_SIZE,
+    Gaussians,
+    OodDetector,
+    input_signature,
+    ledoit_wolf,
+    out_of_fold_distances,
+    threshold_for,
+)
 
 
 def test_shrinkage_matches_scikit_learn_and_keeps_few_samples_invertible():
@@ -44,22 +53,63 @@ def _detector(tmp_path):
     detector, details = OodDetector.fit(features(len(train)), labels.argmax(1), input_signature(train),
                                         features(len(valid)), input_signature(valid))
     detector.save(tmp_path / "ood.npz")
-    return OodDetector.load(tmp_path / "ood.npz"), detector, details, features, valid
+    return OodDetector.load(tmp_path / "ood.npz"), detector, details, features, valid, len(train)
 
 
-def test_views_are_scaled_by_the_validation_scores_and_survive_a_round_trip(tmp_path):
-    loaded, detector, details, features, valid = _detector(tmp_path)
+def test_views_are_scaled_by_held_out_images_and_survive_a_round_trip(tmp_path):
+    loaded, detector, details, features, valid, train_images = _detector(tmp_path)
     assert details["feature_dim"] == 16 and "thumbnail" in details["input_signature"]
+    assert details["held_out_images"] == {"features": len(valid), "input": len(valid) + train_images}
     valid_features = features(len(valid))
     np.testing.assert_allclose(loaded.score(valid_features, valid), detector.score(valid_features, valid))
     distances = loaded.view_distances(valid_features, input_signature(valid))
     assert distances.shape == (len(valid), 2) and (distances > 0).all()
     blank = np.zeros((3, 64, 64, 3), np.float32)
     noise = np.random.default_rng(5).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    ramp = np.broadcast_to(np.linspace(0, 255, 64, dtype=np.float32)[None, None, :, None], (3, 64, 64, 3))
     held_out, _ = phantom_batch(3, seed=6, size=64)
-    typical = np.percentile(loaded.score(features(len(held_out)), held_out), 95)
-    for strange in (blank, noise):  # the input view alone sees these, whatever the features say
-        assert (loaded.score(features(3), strange) > 3 * max(typical, 1)).all()
+    typical = loaded.score(features(len(held_out)), held_out).max()
+    for strange in (blank, noise, ramp):  # the input view alone sees these, whatever the features say
+        assert (loaded.score(features(3), strange) > typical + 3).all()
+
+
+def test_signature_has_one_size_for_any_input_size():
+    for side in (32, 64, 97, 240):
+        batch = np.random.default_rng(side).uniform(0, 255, (2, side, side, 3)).astype(np.float32)
+        signature = input_signature(batch)
+        assert signature.shape == (2, SIGNATURE_SIZE) and np.isfinite(signature).all()
+
+
+def test_out_of_fold_distances_score_each_row_with_gaussians_that_never_saw_it():
+    rng = np.random.default_rng(7)
+    samples = rng.normal(size=(50, 4))
+    samples[13] += 40  # one stray row: only a fit that excludes it finds it far
+    out_of_fold = out_of_fold_distances(samples)
+    in_sample, _ = Gaussians.fit(samples, np.zeros(50, int), standardise=True)
+    assert out_of_fold.argmax() == 13 and out_of_fold[13] > in_sample.distance(samples[13:14])[0]
+    assert np.median(out_of_fold) > np.median(in_sample.distance(samples))  # unseen rows are farther
+
+
+@pytest.mark.parametrize("rate, views", [(0.025, 2), (0.05, 2), (0.01, 1)])
+def test_threshold_flags_the_target_share_of_standard_normal_views(rate, views):
+    z = np.random.default_rng(8).standard_normal((400_000, views))
+    assert (z.max(axis=1) > threshold_for(rate, views)).mean() == pytest.approx(rate, rel=0.05)
+
+
+@pytest.mark.parametrize("rate", [0, 1, -0.1, 1.5])
+def test_threshold_refuses_a_rate_outside_0_and_1(rate):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        threshold_for(rate)
+
+
+def test_a_detector_in_another_layout_is_refused_with_a_way_out(tmp_path):
+    loaded, *_ = _detector(tmp_path)
+    with np.load(tmp_path / "ood.npz") as arrays:
+        older = {key: arrays[key] for key in arrays.files if key != "format"}  # layout 1 had no format entry
+    with open(tmp_path / "old.npz", "wb") as file:
+        np.savez(file, **older)
+    with pytest.raises(ValueError, match=f"layout 1, this xray-ray reads layout {FORMAT}: export the model again"):
+        OodDetector.load(tmp_path / "old.npz")
 
 
 def test_pickled_arrays_are_refused(tmp_path):

@@ -15,7 +15,8 @@ from xray_ray.images.synth import phantom
 from xray_ray.model_folder.card import OOD_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.onnx_export import PARITY_TOLERANCE
-from xray_ray.model_folder.reliability import fit_reliability
+from xray_ray.model_folder.ood import threshold_for
+from xray_ray.model_folder.reliability import OOD_FALSE_FLAG_RATE, fit_reliability
 
 pytestmark = pytest.mark.timeout(1200)
 SLOW_FIXTURES = {"overconfident"}
@@ -76,7 +77,9 @@ def test_exported_model_carries_calibration_and_detector_in_card_and_report(comp
         assert set(card["calibration"][split]) == {"images", "before", "after"}
         assert set(card["calibration"][split]["after"]) == {"ece", "brier", "nll"}
     ood = card["ood"]
-    assert ood["percentile"] == 95.0 and ood["fitted_on"] == "train" and ood["threshold_from"] == "valid"
+    assert ood["false_flag_target"] == OOD_FALSE_FLAG_RATE and ood["fitted_on"] == "train"
+    assert ood["threshold"] == pytest.approx(threshold_for(OOD_FALSE_FLAG_RATE))
+    assert ood["held_out_images"]["input"] > ood["held_out_images"]["features"] == card["calibration"]["valid"]["images"]
     assert 0 < ood["valid_flag_rate"] <= 0.1 and ood["feature_dim"] == 128
     assert {"calibration", "ood"} <= set(card.public())
     page = (reports / "index.html").read_text()

@@ -91,9 +91,11 @@ class Classifier:
     `engine`: "auto" (ONNX Runtime when `model.onnx` is usable, else Keras), "onnxruntime"
     (raises EngineUnavailableError when the file is missing, failed parity or is corrupt) or
     "keras". `threads` overrides ONNX Runtime's intra-op thread count (see `onnx_threads`).
+    `raw` ignores the card's calibration and detector: the network's own answers, which is
+    what fitting them (model_folder.reliability) needs, whatever the folder held before.
     """
 
-    def __init__(self, model_dir: str | Path, engine: str = "auto", threads: int | None = None):
+    def __init__(self, model_dir: str | Path, engine: str = "auto", threads: int | None = None, raw: bool = False):
         self.model_dir = Path(model_dir)
         self.card = ModelCard.read(self.model_dir)
         self.classes: list[str] = self.card.classes
@@ -102,9 +104,9 @@ class Classifier:
         self.provider: str | None = None
         self.threads: int | None = None
         self._head: dict[str, np.ndarray] | None = None
-        section = self.card.get("calibration")
+        section = None if raw else self.card.get("calibration")
         self.calibration = Calibration.from_dict(section) if section else None
-        self.ood_threshold: float | None = self.card["ood"]["threshold"] if self.card.get("ood") else None
+        self.ood_threshold: float | None = self.card["ood"]["threshold"] if self.card.get("ood") and not raw else None
         self.detector = OodDetector.load(self.card.verified_file(OOD_FILE)) if self.ood_threshold is not None else None
         chosen, path, reason = self.card.choose_engine(engine)
         self._run = None

@@ -6,18 +6,25 @@ the squared Mahalanobis distance:
 * feature view: the pooled backbone features (the graph's `features` output), one mean
   per class and one shared (tied) covariance; the distance is to the nearest class mean.
   This catches inputs the network "sees" as unlike any class it learned.
-* input view: a signature of the model input itself, an 8 x 8 thumbnail (the overall
-  brightness layout of a frontal chest film) and eleven image statistics (mean, spread,
-  five quantiles, edge energy at full and quarter resolution, left-right asymmetry,
-  share of black and of white pixels), each standardised by the training images. This
-  catches inputs whatever the features happen to say about them: blank or constant
-  images, documents, gradients, noise, photographs.
+* input view: a signature of the model input itself, standardised by the training images:
+  a 4 x 4 thumbnail (the overall brightness layout of a frontal chest film), 12 image
+  statistics (mean, spread, five quantiles, edge energy at full and quarter resolution,
+  left-right asymmetry, share of black and of white pixels) and 9 texture statistics
+  (the detail lost at each of four halvings of resolution, the share of flat 8 x 8 patches,
+  three quantiles of the patches' spread, the grey-level entropy). A radiograph has fine
+  structure everywhere; gradients, photographs, documents, drawings and blank images do not,
+  whatever the features happen to say about them.
 
 Covariances are estimated with Ledoit-Wolf shrinkage towards a scaled identity and
 inverted through their eigen-decomposition, so 1280 features from a few hundred images
-still give a well-conditioned metric. Each view's distance is put on a common scale by
-its validation scores (0 at their median, 1 at their 95th percentile), and the score
-is the larger of the two: an input is as unusual as its most unusual view.
+still give a well-conditioned metric.
+
+Each view's log distance is put on a z scale by held-out in-distribution images: the
+feature view by the validation split, the input view by the validation split and the
+training split's own out-of-fold distances (each fold scored by Gaussians fitted on the
+other folds: five times more held-out images than validation alone, so the scale is steadier).
+The score is the larger z: an input is as unusual as its most unusual view. `threshold_for`
+turns a target false-flag rate into the threshold on that score.
 
 The arrays live in `ood.npz` (no pickles); the threshold and how it was set live in the
 card's `ood` section. Only numpy here: inference processes score without TensorFlow.
@@ -27,34 +34,82 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from PIL import Image
 
-THUMBNAIL = 8
+THUMBNAIL = 4
 """Side of the input view's thumbnail."""
-SCALE_PERCENTILE = 95.0
-"""Each view's validation percentile that maps to 1 on the common scale."""
+DETAIL_LEVELS = 4
+"""Halvings of resolution whose lost detail the signature measures."""
+PATCH = 8
+"""Side of the patches whose spread the signature measures."""
+FLAT_PATCH = 0.005
+"""A patch whose grey levels spread less than this (0-1 units, about 1.3 of 255 levels) is flat."""
+SIGNATURE_SIZE = THUMBNAIL ** 2 + 12 + DETAIL_LEVELS + 5
+OUT_OF_FOLD_FOLDS = 5
+"""Folds of the training split scored out of fold for the input view's scale."""
 VIEWS = ("features", "input")
+FORMAT = 2
+"""Version of `ood.npz`'s layout; 1 (an 8 x 8 thumbnail, validation-percentile scale) is refused on load."""
 
 
-def _shrink(planes: np.ndarray, side: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(plane).resize((side, side), Image.Resampling.BOX)) for plane in planes])
+def _resize(planes: np.ndarray, side: int, resample=Image.Resampling.BOX) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(plane).resize((side, side), resample)) for plane in planes])
 
 
 def _edge_energy(planes: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(planes, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(planes, axis=2)).mean(axis=(1, 2))
 
 
+def _lost_detail(planes: np.ndarray) -> np.ndarray:
+    """(N, DETAIL_LEVELS): mean absolute difference between each level and its half-size copy scaled back up."""
+    bands = []
+    for _ in range(DETAIL_LEVELS):
+        coarse = _resize(planes, max(planes.shape[1] // 2, 1))
+        bands.append(np.abs(planes - _resize(coarse, planes.shape[1], Image.Resampling.BILINEAR)).mean(axis=(1, 2)))
+        planes = coarse
+    return np.column_stack(bands)
+
+
+def _patch_spread(planes: np.ndarray) -> np.ndarray:
+    """(N, patches): the standard deviation of every whole PATCH x PATCH tile."""
+    n, side = len(planes), planes.shape[1] // PATCH * PATCH
+    tiles = planes[:, :side, :side].reshape(n, side // PATCH, PATCH, side // PATCH, PATCH)
+    return tiles.std(axis=(2, 4)).reshape(n, -1)
+
+
+def _entropy(planes: np.ndarray, bins: int = 32) -> np.ndarray:
+    shares = np.stack([np.histogram(plane, bins=bins, range=(0, 1))[0] for plane in planes]) / planes[0].size
+    return -(shares * np.log(np.where(shares > 0, shares, 1))).sum(axis=1)
+
+
 def input_signature(batch: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) model inputs (0-255) -> (N, 75): an 8 x 8 thumbnail and 11 image statistics, in 0-1 units."""
+    """(N, S, S, 3) model inputs (0-255) -> (N, SIGNATURE_SIZE): thumbnail, image and texture statistics."""
     planes = np.asarray(batch, np.float32)[..., 0] / 255.0
     flat = planes.reshape(len(planes), -1)
     stats = np.column_stack([flat.mean(axis=1), flat.std(axis=1), *np.percentile(flat, [5, 25, 50, 75, 95], axis=1),
-                             _edge_energy(planes), _edge_energy(_shrink(planes, max(THUMBNAIL, planes.shape[1] // 4))),
+                             _edge_energy(planes), _edge_energy(_resize(planes, max(THUMBNAIL, planes.shape[1] // 4))),
                              np.abs(planes - planes[:, :, ::-1]).mean(axis=(1, 2)),
                              (flat < 0.04).mean(axis=1), (flat > 0.96).mean(axis=1)])
-    return np.concatenate([_shrink(planes, THUMBNAIL).reshape(len(planes), -1), stats], axis=1).astype(np.float64)
+    spread = _patch_spread(planes)
+    texture = np.column_stack([np.log(_lost_detail(planes) + 1e-4), (spread < FLAT_PATCH).mean(axis=1),
+                               np.log(np.percentile(spread, [10, 50, 90], axis=1).T + 1e-4), _entropy(planes)])
+    return np.concatenate([_resize(planes, THUMBNAIL).reshape(len(planes), -1), stats, texture],
+                          axis=1).astype(np.float64)
+
+
+def threshold_for(false_flag_rate: float, views: int = len(VIEWS)) -> float:
+    """The score above which an in-distribution image is flagged with probability `false_flag_rate`.
+
+    Each view's z is standard normal on in-distribution images (log distances, fitted on held-out
+    ones), so with independent views P(max z <= t) = Phi(t) ** views. Views that agree with each
+    other flag less often than this, never more.
+    """
+    if not 0 < false_flag_rate < 1:
+        raise ValueError(f"the false-flag rate must be between 0 and 1, not {false_flag_rate}")
+    return NormalDist().inv_cdf((1 - false_flag_rate) ** (1 / views))
 
 
 def ledoit_wolf(residuals: np.ndarray) -> tuple[np.ndarray, float]:
@@ -106,21 +161,49 @@ class Gaussians:
         return ((white[:, None, :] - self.means[None]) ** 2).sum(axis=2).min(axis=1)
 
 
+def out_of_fold_distances(signatures: np.ndarray, folds: int = OUT_OF_FOLD_FOLDS) -> np.ndarray:
+    """Input-view distance of every training signature from Gaussians fitted on the other folds (rows dealt in turn)."""
+    fold_of = np.arange(len(signatures)) % folds
+    distances = np.empty(len(signatures))
+    for fold in range(folds):
+        held, rest = fold_of == fold, fold_of != fold
+        gaussians, _ = Gaussians.fit(signatures[rest], np.zeros(int(rest.sum()), int), standardise=True)
+        distances[held] = gaussians.distance(signatures[held])
+    return distances
+
+
+def _log(distances: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(distances, 1e-12))
+
+
+def fit_input_view(train_signatures: np.ndarray, valid_signatures: np.ndarray) -> tuple[Gaussians, float, np.ndarray]:
+    """The input view's Gaussian on the training signatures, its shrinkage, and the log distances of its held-out
+    images: the validation split and the training split out of fold (the signature does not depend on the network)."""
+    train_signatures = np.asarray(train_signatures, np.float64)
+    gaussians, shrinkage = Gaussians.fit(train_signatures, np.zeros(len(train_signatures), int), standardise=True)
+    held_out = np.concatenate([gaussians.distance(valid_signatures), out_of_fold_distances(train_signatures)])
+    return gaussians, shrinkage, _log(held_out)
+
+
 @dataclass
 class OodDetector:
-    """Both views and their common scale: `score` > the card's threshold means out of distribution."""
+    """Both views and their z scales: `score` > the card's threshold (`threshold_for`) means out of distribution."""
 
     views: dict[str, Gaussians]
-    centre: np.ndarray  # per view (in VIEWS order): the validation median
-    spread: np.ndarray  # per view: validation SCALE_PERCENTILE minus the median
+    centre: np.ndarray  # per view (in VIEWS order): mean log distance of its held-out in-distribution images
+    spread: np.ndarray  # per view: their standard deviation
 
     def view_distances(self, features: np.ndarray, signatures: np.ndarray) -> np.ndarray:
         """(N, 2) raw squared distances, feature view then input view (`signatures` from `input_signature`)."""
         return np.stack([self.views["features"].distance(features), self.views["input"].distance(signatures)], axis=1)
 
+    def view_scores(self, features: np.ndarray, signatures: np.ndarray) -> np.ndarray:
+        """(N, 2) each view's z: its log distance standardised by its held-out images."""
+        return (_log(self.view_distances(features, signatures)) - self.centre) / self.spread
+
     def score_views(self, features: np.ndarray, signatures: np.ndarray) -> np.ndarray:
-        """(N,) out-of-distribution score: the larger of the two views' distances on the common scale."""
-        return ((self.view_distances(features, signatures) - self.centre) / self.spread).max(axis=1)
+        """(N,) out-of-distribution score: the larger of the two views' z."""
+        return self.view_scores(features, signatures).max(axis=1)
 
     def score(self, features: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """`score_views` for pooled features and the model inputs (N, S, S, 3) they came from."""
@@ -129,28 +212,36 @@ class OodDetector:
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, train_signatures: np.ndarray,
             valid_features: np.ndarray, valid_signatures: np.ndarray) -> tuple[OodDetector, dict]:
-        """Fit the Gaussians on the training split and the common scale on the validation split."""
+        """Fit the Gaussians on the training split and each view's z scale on its held-out images.
+
+        The feature view's held-out images are the validation split only: the network has seen
+        the training images, so their features are closer than new ones (`fit_input_view` for the other).
+        """
         features, feature_shrinkage = Gaussians.fit(train_features, np.asarray(train_labels))
-        inputs, input_shrinkage = Gaussians.fit(train_signatures, np.zeros(len(train_signatures), int), standardise=True)
-        detector = cls({"features": features, "input": inputs}, np.zeros(2), np.ones(2))
-        distances = detector.view_distances(valid_features, valid_signatures)
-        detector.centre = np.median(distances, axis=0)
-        detector.spread = np.maximum(np.percentile(distances, SCALE_PERCENTILE, axis=0) - detector.centre, 1e-12)
-        return detector, {"feature_dim": int(features.whitening.shape[0]), "feature_shrinkage": feature_shrinkage,
-                          "input_shrinkage": input_shrinkage,
-                          "input_signature": f"{THUMBNAIL}x{THUMBNAIL} thumbnail + 11 image statistics"}
+        inputs, input_shrinkage, input_held_out = fit_input_view(train_signatures, valid_signatures)
+        held_out = {"features": _log(features.distance(valid_features)), "input": input_held_out}
+        centre = np.array([held_out[view].mean() for view in VIEWS])
+        spread = np.array([max(held_out[view].std(ddof=1), 1e-6) for view in VIEWS])
+        details = {"feature_dim": int(features.whitening.shape[0]), "feature_shrinkage": feature_shrinkage,
+                   "input_shrinkage": input_shrinkage, "held_out_images": {v: len(held_out[v]) for v in VIEWS},
+                   "input_signature": f"{THUMBNAIL}x{THUMBNAIL} thumbnail, 12 image and 9 texture statistics"}
+        return cls({"features": features, "input": inputs}, centre, spread), details
 
     def save(self, path: str | Path) -> None:
         """Write the arrays as `.npz` (no pickled objects)."""
         arrays = {f"{view}_{part}": getattr(self.views[view], part) for view in VIEWS
                   for part in ("means", "whitening", "scale")}
         with open(path, "wb") as file:
-            np.savez(file, centre=self.centre, spread=self.spread, **arrays)
+            np.savez(file, format=np.array(FORMAT), centre=self.centre, spread=self.spread, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> OodDetector:
-        """The detector written by `save`; pickled content is refused."""
+        """The detector written by `save`; pickled content and other layouts are refused."""
         with np.load(path, allow_pickle=False) as arrays:
             a = {key: arrays[key] for key in arrays.files}
+        written = int(a["format"]) if "format" in a else 1
+        if written != FORMAT:
+            raise ValueError(f"{path} holds an out-of-distribution detector in layout {written}, this xray-ray reads "
+                             f"layout {FORMAT}: export the model again (xray-ray train) to refit it")
         views = {view: Gaussians(a[f"{view}_means"], a[f"{view}_whitening"], a[f"{view}_scale"]) for view in VIEWS}
         return cls(views, a["centre"], a["spread"])

@@ -4,8 +4,9 @@ Runs once at export (training.run.export_and_evaluate), on the exported folder i
 what is fitted is what ships: the raw probabilities and pooled features come from the
 folder's own engine (ONNX Runtime when usable). The calibration is fitted on the
 validation split and measured on valid and test; the detector's Gaussians on the
-training split, its threshold at `OOD_PERCENTILE` of the validation scores. The
-detector's arrays go to `ood.npz` (its digest in the card's `files`).
+training split, its scale on held-out images, its threshold set for `OOD_FALSE_FLAG_RATE`
+of in-distribution images. The detector's arrays go to `ood.npz` (its digest in the
+card's `files`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from xray_ray.files import atomic_path, sha256_file
 from xray_ray.model_folder.calibration import calibration_metrics, choose_and_fit
 from xray_ray.model_folder.card import OOD_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.model_folder.ood import SCALE_PERCENTILE, OodDetector, input_signature
+from xray_ray.model_folder.ood import OUT_OF_FOLD_FOLDS, OodDetector, input_signature, threshold_for
 
-OOD_PERCENTILE = 95.0
-"""The validation-score percentile the out-of-distribution threshold is set at."""
-OOD_METHOD = ("max of two Gaussian views, each a squared Mahalanobis distance (Ledoit-Wolf shrunk covariance) scaled "
-              f"to 0 at the validation median and 1 at the validation {SCALE_PERCENTILE:g}th percentile: pooled "
-              "backbone features (class means, tied covariance; nearest class) and a signature of the input (8x8 thumbnail and 11 image statistics, standardised)")
+OOD_FALSE_FLAG_RATE = 0.025
+"""The share of in-distribution images the out-of-distribution threshold is set to flag."""
+OOD_METHOD = ("max of two Gaussian views, each a squared Mahalanobis distance (Ledoit-Wolf shrunk covariance) whose log "
+              "is standardised by held-out in-distribution images: pooled backbone features (class means, tied "
+              "covariance; nearest class; scaled on valid) and a signature of the input (4x4 thumbnail, 12 image and 9 "
+              f"texture statistics, standardised; scaled on valid and {OUT_OF_FOLD_FOLDS}-fold out-of-fold train)")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class SplitOutputs:
 
     raw: np.ndarray  # (N, K) probabilities before calibration
     features: np.ndarray  # (N, D) pooled backbone features
-    signatures: np.ndarray  # (N, 75) input signatures
+    signatures: np.ndarray  # (N, SIGNATURE_SIZE) input signatures
     labels: np.ndarray  # (N,) class indices
 
 
@@ -62,13 +64,13 @@ def before_after(calibration, split: SplitOutputs) -> dict:
 
 
 def fit_reliability(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame,
-                    percentile: float = OOD_PERCENTILE) -> dict[str, SplitOutputs]:
+                    false_flag_rate: float = OOD_FALSE_FLAG_RATE) -> dict[str, SplitOutputs]:
     """Fit both on the exported `folder`, write `ood.npz` and the card's `calibration` and `ood` sections.
 
     Returns the raw outputs per split (for the report's reliability diagram).
     """
     folder = Path(folder)
-    classifier = Classifier(folder)
+    classifier = Classifier(folder, raw=True)
     parts = {"train": collect(classifier, train), "valid": collect(classifier, valid), "test": collect(classifier, test)}
     valid_part, test_part = parts["valid"], parts["test"]
     calibration, measured = choose_and_fit(valid_part.raw, valid_part.labels)
@@ -78,10 +80,11 @@ def fit_reliability(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame
     train_part = parts["train"]
     detector, details = OodDetector.fit(train_part.features, train_part.labels, train_part.signatures,
                                         valid_part.features, valid_part.signatures)
+    threshold = threshold_for(false_flag_rate)
     valid_scores = detector.score_views(valid_part.features, valid_part.signatures)
-    threshold = float(np.percentile(valid_scores, percentile))
     ood = {"method": OOD_METHOD, "fitted_on": "train", "train_images": len(train_part.labels),
-           "percentile": percentile, "threshold": threshold, "threshold_from": "valid",
+           "false_flag_target": false_flag_rate, "threshold": threshold,
+           "threshold_from": "the target rate, with each view's z standard normal on held-out images",
            "valid_flag_rate": float((valid_scores > threshold).mean()), **details}
     ood["test_flag_rate"] = float((detector.score_views(test_part.features, test_part.signatures) > threshold).mean())
     with atomic_path(folder / OOD_FILE) as tmp:

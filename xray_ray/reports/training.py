@@ -109,8 +109,7 @@ def _ood_section(ood: Mapping) -> Section:
         rates["Test images flagged"] = f"{ood['test_flag_rate']:.1%}"
     return Section("Out-of-distribution flag", [
         Metrics(rates),
-        Text(f"Score: {ood['method']}. Fitted on the {ood['train_images']} training images; the threshold is the "
-             f"{ood['percentile']:g}th percentile of the validation scores, so about "
-             f"{100 - ood['percentile']:g} % of in-distribution images are flagged by design. A flagged image still "
-             "gets a class, marked as out of distribution."),
+        Text(f"Score: {ood['method']}. Fitted on the {ood['train_images']} training images; the threshold is set "
+             f"so that about {ood['false_flag_target']:.1%} of in-distribution images are flagged by design. A "
+             "flagged image still gets a class, marked as out of distribution."),
     ])
