@@ -57,6 +57,8 @@ class Command:
         while not check():
             self.processes()
             if self.process.poll() is not None:
+                if check():  # it exited between the two looks, and its exit is what was awaited
+                    return
                 raise AssertionError(f"exited ({self.process.returncode}) before {what}:\n{self.output()[-3000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {what} after {timeout} s:\n{self.output()[-3000:]}")

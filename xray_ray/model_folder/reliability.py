@@ -27,7 +27,7 @@ OOD_FALSE_FLAG_RATE = 0.025
 """The share of in-distribution images the out-of-distribution threshold is set to flag."""
 OOD_METHOD = ("max of two Gaussian views, each a squared Mahalanobis distance (Ledoit-Wolf shrunk covariance) whose log "
               "is standardised by held-out in-distribution images: pooled backbone features (class means, tied "
-              "covariance; nearest class; scaled on valid) and a signature of the input (4x4 thumbnail, 12 image and 9 "
+              "covariance; nearest class; scaled on valid) and a signature of the input (4x4 thumbnail, 12 image and 7 "
               f"texture statistics, standardised; scaled on valid and {OUT_OF_FOLD_FOLDS}-fold out-of-fold train)")
 
 
