@@ -39,7 +39,7 @@ from xray_ray.config import load_config
 from xray_ray.images.index import build_index
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.model_folder.ood import fit_input_view, input_signature
+from xray_ray.model_folder.ood import fit_input_view, input_signature, z_scale, z_scores
 from xray_ray.model_folder.reliability import SplitOutputs, collect, fit_reliability
 from xray_ray.training.data import split_index
 from xray_ray.training.run import train_and_export
@@ -81,9 +81,9 @@ def input_view_resplits(signatures: np.ndarray, outside: np.ndarray, fractions, 
         order = rng.permutation(len(signatures))
         train, valid, test = np.split(signatures[order], [n_train, n_train + n_valid])
         gaussians, _, held_out = fit_input_view(train, valid)
-        z = lambda s: (np.log(gaussians.distance(s)) - held_out.mean()) / held_out.std(ddof=1)
-        false_flags.append(float((z(test) > threshold).mean()))
-        outside_flags.append(float((z(outside) > threshold).mean()))
+        scale = z_scale(held_out)
+        false_flags.append(float((z_scores(gaussians.distance(test), *scale) > threshold).mean()))
+        outside_flags.append(float((z_scores(gaussians.distance(outside), *scale) > threshold).mean()))
     return {"repeats": repeats, "test_images": len(signatures) - n_train - n_valid, "threshold": threshold,
             "real_test_flagged_mean": float(np.mean(false_flags)),
             "real_test_flagged_p10_p90": [float(v) for v in np.percentile(false_flags, [10, 90])],

@@ -176,6 +176,16 @@ def _log(distances: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(distances, 1e-12))
 
 
+def z_scale(held_out_log_distances: np.ndarray) -> tuple[float, float]:
+    """(centre, spread) that map a view's log distance to its z: the held-out images' mean and standard deviation."""
+    return float(held_out_log_distances.mean()), max(float(held_out_log_distances.std(ddof=1)), 1e-6)
+
+
+def z_scores(distances: np.ndarray, centre, spread) -> np.ndarray:
+    """Squared distances -> z: the log distance standardised by `z_scale`'s (centre, spread)."""
+    return (_log(distances) - centre) / spread
+
+
 def fit_input_view(train_signatures: np.ndarray, valid_signatures: np.ndarray) -> tuple[Gaussians, float, np.ndarray]:
     """The input view's Gaussian on the training signatures, its shrinkage, and the log distances of its held-out
     images: the validation split and the training split out of fold (the signature does not depend on the network)."""
@@ -199,7 +209,7 @@ class OodDetector:
 
     def view_scores(self, features: np.ndarray, signatures: np.ndarray) -> np.ndarray:
         """(N, 2) each view's z: its log distance standardised by its held-out images."""
-        return (_log(self.view_distances(features, signatures)) - self.centre) / self.spread
+        return z_scores(self.view_distances(features, signatures), self.centre, self.spread)
 
     def score_views(self, features: np.ndarray, signatures: np.ndarray) -> np.ndarray:
         """(N,) out-of-distribution score: the larger of the two views' z."""
@@ -220,8 +230,7 @@ class OodDetector:
         features, feature_shrinkage = Gaussians.fit(train_features, np.asarray(train_labels))
         inputs, input_shrinkage, input_held_out = fit_input_view(train_signatures, valid_signatures)
         held_out = {"features": _log(features.distance(valid_features)), "input": input_held_out}
-        centre = np.array([held_out[view].mean() for view in VIEWS])
-        spread = np.array([max(held_out[view].std(ddof=1), 1e-6) for view in VIEWS])
+        centre, spread = (np.array(values) for values in zip(*(z_scale(held_out[view]) for view in VIEWS)))
         details = {"feature_dim": int(features.whitening.shape[0]), "feature_shrinkage": feature_shrinkage,
                    "input_shrinkage": input_shrinkage, "held_out_images": {v: len(held_out[v]) for v in VIEWS},
                    "input_signature": f"{THUMBNAIL}x{THUMBNAIL} thumbnail, 12 image and 7 texture statistics"}
