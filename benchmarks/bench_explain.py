@@ -14,7 +14,16 @@ alternate image by image within each round, so load from other processes hits bo
 each round's ratio of medians is kept and the range across rounds reported. Batch 1 is what
 /explain runs; batch 16 is what the scoring report runs.
 
-The model: a compact CNN trained here on phantoms with configs/compact_cpu.yaml (or `--model`).
+The models: compact CNNs trained here on phantoms with configs/compact_cpu.yaml, one per `--seeds`
+entry, because the pointing game moves far more between trainings than between explanation
+methods (or one folder given with `--model`). How long they train matters most. Measured over
+seeds 11-13 on the same 400 Lung_Opacity phantoms: 150 phantoms per class for 12 epochs classified
+65-72 % of them right, strict 0.23-0.53, tolerant 0.30-0.72; the default, 300 per class for 30
+epochs, classifies 87-94 % right, strict 0.45-0.55, tolerant 0.72-0.84 (chance 1.9 % and about
+7 %). Neither reaches the issue's 70 % strict: the peak of a bilinearly upsampled 8x8 map sits
+on a cell centre, and the best cell overlaps the consolidation in 70-82 % of the images while its
+centre lies inside it in only 45-55 %.
+The cost is measured on the first model.
 Figures go to reports/bench/explain.json. They are measured on synthetic phantoms.
 """
 
@@ -59,7 +68,10 @@ def cost_round(classifier: Classifier, x: np.ndarray, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="an exported model folder (default: train a compact CNN here)")
+    parser.add_argument("--model", type=Path, help="an exported model folder (default: train compact CNNs here)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13], help="one compact CNN per training seed")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--per-class", type=int, default=300, help="training phantoms per class")
     parser.add_argument("--pointing-images", type=int, default=400, help="Lung_Opacity phantoms for the pointing game")
     parser.add_argument("--cost-images", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
@@ -67,18 +79,25 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.model
-        if folder is None:
-            folder = Path(scratch) / "compact"
+        folders = [args.model] if args.model else []
+        for seed in [] if args.model else args.seeds:
+            folders.append(Path(scratch) / f"compact-{seed}")
             started = time.perf_counter()
-            train_and_export(folder, 64, "compact", epochs=12, per_class=150, seed=11,
+            train_and_export(folders[-1], 64, "compact", epochs=args.epochs, per_class=args.per_class, seed=seed,
                              config_file=ROOT / "configs" / "compact_cpu.yaml")
-            print(f"trained a compact CNN on 600 phantoms in {time.perf_counter() - started:.0f} s")
-        classifier = Classifier(folder, engine="onnxruntime", threads=args.threads)
-        game = pointing_game(classifier, count=args.pointing_images, seed=2024)
-        print(f"pointing game on {game['correct']} correctly classified: strict {game['strict']:.1%} (chance "
-              f"{game['strict_chance']:.1%}), within {game['tolerance_px']:.1f} px {game['tolerant']:.1%} (chance "
-              f"{game['tolerant_chance']:.1%}); peaks on the bottom row {game['bottom_edge']:.1%}")
+            print(f"seed {seed}: trained a compact CNN on {4 * args.per_class} phantoms for {args.epochs} epochs "
+                  f"in {time.perf_counter() - started:.0f} s")
+        games = []
+        for folder in folders:
+            game = pointing_game(Classifier(folder, engine="onnxruntime", threads=args.threads),
+                                 count=args.pointing_images, seed=2024)
+            print(f"{folder.name}: pointing game on {game['correct']} correctly classified: "
+                  f"strict {game['strict']:.1%} (chance {game['strict_chance']:.1%}), "
+                  f"within {game['tolerance_px']:.1f} px {game['tolerant']:.1%} (chance {game['tolerant_chance']:.1%}); "
+                  f"peaks on the bottom row {game['bottom_edge']:.1%}")
+            games.append({**game, "model": folder.name, "strict_over_chance": game["strict"] / game["strict_chance"],
+                          "tolerant_over_chance": game["tolerant"] / game["tolerant_chance"]})
+        classifier = Classifier(folders[0], engine="onnxruntime", threads=args.threads)
         x, _ = phantom_batch(args.cost_images // 4, seed=77, size=classifier.image_size)
         explain(classifier, x[:16])  # warm-up
         rounds = {batch: [cost_round(classifier, x, batch) for _ in range(args.repeats)] for batch in (1, 16)}
@@ -94,9 +113,12 @@ def main() -> None:
     path = save("explain", {
         "data": SYNTHETIC_NOTE, "engine": classifier.engine, "threads": classifier.threads,
         "model_version": classifier.version, "pooling": str(classifier.head()["pooling"]),
-        "pointing_game": {**game, "region": "the consolidation's pixels at >= half its full density",
-                          "goal": 0.7, "strict_over_chance": game["strict"] / game["strict_chance"],
-                          "tolerant_over_chance": game["tolerant"] / game["tolerant_chance"]},
+        "pointing_game": {"region": "the consolidation's pixels at >= half its full density", "goal": 0.7,
+                          "training": None if args.model else {"seeds": args.seeds, "epochs": args.epochs,
+                                                               "per_class": args.per_class},
+                          "strict_range": [min(g["strict"] for g in games), max(g["strict"] for g in games)],
+                          "tolerant_range": [min(g["tolerant"] for g in games), max(g["tolerant"] for g in games)],
+                          "per_model": games},
         "cost": {"goal_ratio": 2.0, "per_image_per_batch_size": table,
                  "rounds": {str(batch): results for batch, results in rounds.items()}},
     })
