@@ -108,7 +108,8 @@ def test_a_detector_in_another_layout_is_refused_with_a_way_out(tmp_path):
         older = {key: arrays[key] for key in arrays.files if key != "format"}  # layout 1 had no format entry
     with open(tmp_path / "old.npz", "wb") as file:
         np.savez(file, **older)
-    with pytest.raises(ValueError, match=f"layout 1, this xray-ray reads layout {FORMAT}: export the model again"):
+    with pytest.raises(ValueError, match=f"layout 1, this xray-ray reads layout {FORMAT}: refit it, without "
+                                         f"retraining, with `xray-ray refit --model {tmp_path} --index"):
         OodDetector.load(tmp_path / "old.npz")
 
 

@@ -311,3 +311,68 @@ def test_cli_evaluate_reproduces_the_cards_test_split(compact_model, learn_index
     report = json.loads((tmp_path / "eval" / "classification_report.json").read_text())
     assert report["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
     assert "differs" not in result.output
+
+
+def _older_layout(folder: Path) -> None:
+    """Rewrite `folder`'s ood.npz as an xray-ray before the layout version wrote it, its card's digest to match."""
+    from xray_ray.files import sha256_file
+    from xray_ray.model_folder.card import OOD_FILE
+
+    with np.load(folder / OOD_FILE) as arrays:
+        older = {key: arrays[key] for key in arrays.files if key != "format"}
+    with open(folder / OOD_FILE, "wb") as file:
+        np.savez(file, **older)
+    card = ModelCard.read(folder)
+    card.update(files={**card["files"], OOD_FILE: {"sha256": sha256_file(folder / OOD_FILE)}})
+
+
+def test_cli_refit_brings_an_older_folder_back_to_what_its_export_fitted(compact_model, learn_index, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from xray_ray.cli import app
+    from xray_ray.images.index import save_index
+    from xray_ray.model_folder.card import OOD_FILE
+    from xray_ray.scoring.options import ScoreError, ScoreOptions, model_info
+    from xray_ray.serving.settings import ServeSettings
+
+    exported, _, _ = compact_model
+    folder = shutil.copytree(exported, tmp_path / "older")
+    with np.load(folder / OOD_FILE) as arrays:
+        fitted = {key: arrays[key] for key in arrays.files}
+    before = ModelCard.read(folder)
+    _older_layout(folder)
+    with pytest.raises(ValueError, match="xray-ray refit --model"):
+        Classifier(folder)
+    # Serve and scoring refuse it before any replica or actor starts, with the same way out.
+    with pytest.raises(ScoreError, match="xray-ray refit --model") as refused:
+        model_info(ScoreOptions(archives=[str(tmp_path)], out=str(tmp_path / "scores"), model=str(folder)))
+    assert refused.value.exit_code == 3
+    with pytest.raises(ValueError, match="xray-ray refit --model"):
+        ServeSettings(model=str(folder))
+
+    save_index(learn_index, tmp_path / "index.parquet")
+    other = learn_index.iloc[5:].reset_index(drop=True)  # not the training index: refused, nothing changed
+    save_index(other, tmp_path / "other.parquet")
+    stale = (folder / OOD_FILE).read_bytes()
+    refused = CliRunner().invoke(app, ["refit", "--model", str(folder), "--index", str(tmp_path / "other.parquet")])
+    assert refused.exit_code == 2 and "not the one" in refused.output, refused.output
+    assert (folder / OOD_FILE).read_bytes() == stale
+
+    result = CliRunner().invoke(app, ["refit", "--model", str(folder), "--index", str(tmp_path / "index.parquet")])
+    assert result.exit_code == 0, result.output
+    assert before.version in result.output
+    with np.load(folder / OOD_FILE) as arrays:
+        refitted = {key: arrays[key] for key in arrays.files}
+    assert refitted.keys() == fitted.keys()
+    for key, value in fitted.items():
+        np.testing.assert_allclose(refitted[key], value, rtol=1e-6, atol=1e-9, err_msg=key)
+    after = ModelCard.read(folder)
+    assert after["ood"]["threshold"] == before["ood"]["threshold"]
+    assert after["ood"]["valid_flag_rate"] == pytest.approx(before["ood"]["valid_flag_rate"])
+    assert after["calibration"]["method"] == before["calibration"]["method"]
+    assert after["metrics"]["test"]["accuracy"] == pytest.approx(before["metrics"]["test"]["accuracy"])
+    assert after.version == before.version  # the network and its version are untouched
+    classifier = Classifier(folder)  # reads the new layout, digest verified
+    assert classifier.detector is not None

@@ -57,6 +57,27 @@ def evaluate(
     typer.echo(f"model {card.version}; report files in {folder}")
 
 
+@app.command()
+def refit(
+    model: Path = typer.Option(..., help="Exported model folder."),
+    index_path: Path = typer.Option(..., "--index", help="The index.parquet the model was trained on."),
+) -> None:
+    """Fit a model's calibration and out-of-distribution detector again, without retraining (e.g. after an
+    upgrade whose detector layout the folder predates); its valid and test metrics are measured again."""
+    from xray_ray.training.evaluate import refit_model
+
+    frame = read_index(index_path)
+    try:
+        card = refit_model(model, frame)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise fail(str(err))
+    ood, calibration = card["ood"], card["calibration"]
+    typer.echo(f"model {card.version}: calibration {calibration['method']} refitted on valid, out-of-distribution "
+               f"detector on {ood['train_images']} training images (threshold {ood['threshold']:.2f}, flags "
+               f"{ood['valid_flag_rate']:.1%} of valid, {ood['test_flag_rate']:.1%} of test)")
+    typer.echo(f"test accuracy {card['metrics']['test']['accuracy']:.3f}{synthetic_note(card.synthetic)}")
+
+
 @app.command("tune")
 def tune(
     config_file: Path = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train, tune); "

@@ -85,6 +85,15 @@ class Predictions:
         ]
 
 
+def load_detector(card: ModelCard) -> tuple[float | None, OodDetector | None]:
+    """The card's out-of-distribution threshold and its verified detector; (None, None) for a folder fitted
+    without one. ValueError for a detector this xray-ray cannot read (another layout, a changed file): cheap,
+    so Serve and scoring check it before any replica or actor starts."""
+    if not card.get("ood"):
+        return None, None
+    return float(card["ood"]["threshold"]), OodDetector.load(card.verified_file(OOD_FILE))
+
+
 class Classifier:
     """An exported model, ready to predict; cheap to call, expensive to construct (load once per process).
 
@@ -106,8 +115,7 @@ class Classifier:
         self._head: dict[str, np.ndarray] | None = None
         section = None if raw else self.card.get("calibration")
         self.calibration = Calibration.from_dict(section) if section else None
-        self.ood_threshold: float | None = self.card["ood"]["threshold"] if self.card.get("ood") and not raw else None
-        self.detector = OodDetector.load(self.card.verified_file(OOD_FILE)) if self.ood_threshold is not None else None
+        self.ood_threshold, self.detector = (None, None) if raw else load_detector(self.card)
         chosen, path, reason = self.card.choose_engine(engine)
         self._run = None
         if chosen == "onnxruntime":

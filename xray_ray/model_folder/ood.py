@@ -251,6 +251,7 @@ class OodDetector:
         written = int(a["format"]) if "format" in a else 1
         if written != FORMAT:
             raise ValueError(f"{path} holds an out-of-distribution detector in layout {written}, this xray-ray reads "
-                             f"layout {FORMAT}: export the model again (xray-ray train) to refit it")
+                             f"layout {FORMAT}: refit it, without retraining, with `xray-ray refit --model "
+                             f"{Path(path).parent} --index <the index.parquet it was trained on>`")
         views = {view: Gaussians(a[f"{view}_means"], a[f"{view}_whitening"], a[f"{view}_scale"]) for view in VIEWS}
         return cls(views, a["centre"], a["spread"])

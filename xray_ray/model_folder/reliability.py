@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from xray_ray.files import atomic_path, sha256_file
-from xray_ray.model_folder.calibration import calibration_metrics, choose_and_fit
+from xray_ray.model_folder.calibration import Calibration, calibration_metrics, choose_and_fit
 from xray_ray.model_folder.card import OOD_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.ood import OUT_OF_FOLD_FOLDS, OodDetector, input_signature, threshold_for
+from xray_ray.reports.metrics import Evaluation, evaluate
 
 OOD_FALSE_FLAG_RATE = 0.025
 """The share of in-distribution images the out-of-distribution threshold is set to flag."""
@@ -93,3 +94,16 @@ def fit_reliability(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame
     files = {**card.get("files", {}), OOD_FILE: {"sha256": sha256_file(folder / OOD_FILE)}}
     card.update(calibration=section, ood=ood, files=files)
     return parts
+
+
+def fit_and_measure(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame,
+                    test: pd.DataFrame) -> tuple[ModelCard, dict[str, SplitOutputs], dict[str, Evaluation]]:
+    """`fit_reliability`, then valid and test measured through the fitted calibration and recorded as the card's
+    `metrics`: what an export does, and what `xray-ray refit` does again for a folder exported before."""
+    fitted = fit_reliability(folder, train, valid, test)
+    card = ModelCard.read(folder)
+    calibration = Calibration.from_dict(card["calibration"])
+    evaluations = {part: evaluate([card.classes[i] for i in fitted[part].labels], calibration.apply(fitted[part].raw))
+                   for part in ("valid", "test")}
+    card.update(metrics={part: e.as_dict() for part, e in evaluations.items()})
+    return card, fitted, evaluations

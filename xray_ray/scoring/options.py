@@ -13,6 +13,7 @@ from pathlib import Path
 
 from xray_ray.config import CLASS_NAMES
 from xray_ray.model_folder.card import ModelCard
+from xray_ray.model_folder.classifier import load_detector
 from xray_ray.scoring.explain import DEFAULT_EXPLAIN
 from xray_ray.scoring.pipeline import serve_handle
 
@@ -114,6 +115,7 @@ def model_info(options: ScoreOptions) -> ModelInfo:
 def _card_info(folder: Path, engine: str) -> ModelInfo:
     try:
         card = ModelCard.read(folder)
+        load_detector(card)  # an unreadable detector would otherwise fail every actor, after the run began
         chosen, _, _ = card.choose_engine(engine)
         return ModelInfo(card.version, chosen, card.image_size, card.classes, card.baseline())
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:

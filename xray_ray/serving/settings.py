@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xray_ray.images.bounds import LIMITS
 from xray_ray.model_folder.card import ModelCard
+from xray_ray.model_folder.classifier import load_detector
 from xray_ray.ray_runtime import is_loopback_host
 
 TOKEN_ENV = "XRAY_RAY_SERVE_TOKEN"
@@ -61,9 +62,11 @@ class ServeSettings:
             raise ValueError(f"max_inflight_mb ({self.max_inflight_mb}) below max_body_mb ({self.max_body_mb}) "
                              "would refuse the largest accepted body")
         try:
-            version = ModelCard.read(self.model).version  # the card checked once, before any replica starts
+            card = ModelCard.read(self.model)  # the card and its detector checked once, before any replica starts
+            load_detector(card)
         except OSError as err:
             raise ValueError(str(err)) from None
+        version = card.version
         if self.expect_version is not None and version != self.expect_version:
             raise ValueError(f"{self.model} holds model {version}, not the expected {self.expect_version}")
 

@@ -21,11 +21,10 @@ from xray_ray.config import Config, config_to_dict, with_overrides
 from xray_ray.images.index import fingerprint
 from xray_ray.images.synth import SYNTHETIC_NOTE
 from xray_ray.model_folder.calibration import Calibration, reliability_bins
-from xray_ray.model_folder.card import MODEL_FILE, ModelCard
+from xray_ray.model_folder.card import MODEL_FILE
 from xray_ray.model_folder.engines import setup_tensorflow
 from xray_ray.model_folder.export import build_card, export_model
-from xray_ray.model_folder.reliability import fit_reliability
-from xray_ray.reports.metrics import evaluate
+from xray_ray.model_folder.reliability import fit_and_measure
 from xray_ray.reports.training import write_training_report
 from xray_ray.training import data
 from xray_ray.training.network import build_model, refresh_batchnorm, resolve_weights
@@ -279,15 +278,12 @@ def export_and_evaluate(result: TrainResult, training: TrainingData, frame: pd.D
     )
     export_model(result.model, out, card, overwrite=overwrite)
     # One pass of the exported model over each split serves the calibration, the detector and the metrics.
-    fitted = fit_reliability(out, *(training.split.part(name) for name in ("train", "valid", "test")))
-    exported = ModelCard.read(out)
+    exported, fitted, evaluations = fit_and_measure(out, *(training.split.part(name) for name in data.SPLITS))
     calibration = Calibration.from_dict(exported["calibration"])
-    evaluations = {part: evaluate([exported.classes[i] for i in fitted[part].labels],
-                                  calibration.apply(fitted[part].raw)) for part in ("valid", "test")}
     test = fitted["test"]
     reliability = {"before calibration": reliability_bins(test.raw, test.labels),
                    "after calibration": reliability_bins(calibration.apply(test.raw), test.labels)}
-    card = exported.update(metrics={part: e.as_dict() for part, e in evaluations.items()}).data
+    card = exported.data
     page = write_training_report(
         Path(report_dir), title=f"Training report: {card['name']} ({config.model.backbone})",
         evaluation=evaluations["test"], epochs=result.epochs, best_epoch=result.best_epoch,
