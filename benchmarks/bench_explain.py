@@ -66,6 +66,17 @@ def cost_round(classifier: Classifier, x: np.ndarray, batch: int) -> dict:
             "ratio_with_png": medians["explain_png"] / medians["predict"]}
 
 
+def train_compact(scratch: Path, seed: int, args) -> Path:
+    """A compact CNN trained on `args.per_class` phantoms per class for `args.epochs`, exported under `scratch`."""
+    folder = scratch / f"compact-{seed}"
+    started = time.perf_counter()
+    train_and_export(folder, 64, "compact", epochs=args.epochs, per_class=args.per_class, seed=seed,
+                     config_file=ROOT / "configs" / "compact_cpu.yaml")
+    print(f"seed {seed}: trained a compact CNN on {4 * args.per_class} phantoms for {args.epochs} epochs "
+          f"in {time.perf_counter() - started:.0f} s")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an exported model folder (default: train compact CNNs here)")
@@ -79,14 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        folders = [args.model] if args.model else []
-        for seed in [] if args.model else args.seeds:
-            folders.append(Path(scratch) / f"compact-{seed}")
-            started = time.perf_counter()
-            train_and_export(folders[-1], 64, "compact", epochs=args.epochs, per_class=args.per_class, seed=seed,
-                             config_file=ROOT / "configs" / "compact_cpu.yaml")
-            print(f"seed {seed}: trained a compact CNN on {4 * args.per_class} phantoms for {args.epochs} epochs "
-                  f"in {time.perf_counter() - started:.0f} s")
+        folders = [args.model] if args.model else [train_compact(Path(scratch), seed, args) for seed in args.seeds]
         games = []
         for folder in folders:
             game = pointing_game(Classifier(folder, engine="onnxruntime", threads=args.threads),

@@ -34,6 +34,14 @@ def phantom_batch(per_class: int, seed: int, size: int, side: int = 96) -> tuple
     return np.stack(images), np.eye(len(CLASS_NAMES), dtype=np.float32)[labels]
 
 
+def write_first_layout(detector: Path, target: Path) -> None:
+    """`detector` (an ood.npz) rewritten at `target` as xray-ray wrote it before the layout version: no `format`."""
+    with np.load(detector) as arrays:
+        older = {key: arrays[key] for key in arrays.files if key != "format"}
+    with open(target, "wb") as file:
+        np.savez(file, **older)
+
+
 def train_and_export(folder: Path, size: int, backbone: str = "efficientnetb1", epochs: int = 1,
                      per_class: int = 4, seed: int = 21, config_file: Path | None = None) -> Exported:
     """A model from scratch, briefly trained on phantoms (so its answers vary), BatchNorm statistics

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
 
-from tests.helpers import phantom_batch
+from tests.helpers import phantom_batch, write_first_layout
 from xray_ray.model_folder.classifier import Predictions
 from xray_ray.model_folder.ood import (
     FORMAT,
@@ -104,10 +104,7 @@ def test_threshold_refuses_a_rate_outside_0_and_1(rate):
 
 def test_a_detector_in_another_layout_is_refused_with_a_way_out(tmp_path):
     _detector(tmp_path)  # writes a current ood.npz
-    with np.load(tmp_path / "ood.npz") as arrays:
-        older = {key: arrays[key] for key in arrays.files if key != "format"}  # layout 1 had no format entry
-    with open(tmp_path / "old.npz", "wb") as file:
-        np.savez(file, **older)
+    write_first_layout(tmp_path / "ood.npz", tmp_path / "old.npz")
     with pytest.raises(ValueError, match=f"layout 1, this xray-ray reads layout {FORMAT}: refit it, without "
                                          f"retraining, with `xray-ray refit --model {tmp_path} --index"):
         OodDetector.load(tmp_path / "old.npz")

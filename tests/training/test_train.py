@@ -315,13 +315,11 @@ def test_cli_evaluate_reproduces_the_cards_test_split(compact_model, learn_index
 
 def _older_layout(folder: Path) -> None:
     """Rewrite `folder`'s ood.npz as an xray-ray before the layout version wrote it, its card's digest to match."""
+    from tests.helpers import write_first_layout
     from xray_ray.files import sha256_file
     from xray_ray.model_folder.card import OOD_FILE
 
-    with np.load(folder / OOD_FILE) as arrays:
-        older = {key: arrays[key] for key in arrays.files if key != "format"}
-    with open(folder / OOD_FILE, "wb") as file:
-        np.savez(file, **older)
+    write_first_layout(folder / OOD_FILE, folder / OOD_FILE)
     card = ModelCard.read(folder)
     card.update(files={**card["files"], OOD_FILE: {"sha256": sha256_file(folder / OOD_FILE)}})
 

@@ -54,10 +54,10 @@ def refit_model(model: str | Path, frame: pd.DataFrame) -> ModelCard:
     on images it was fitted on.
     """
     card = ModelCard.read(model)
-    if fingerprint(frame) != card["index_fingerprint"]:
-        raise ValueError(f"this index is not the one {card.version} was trained on (fingerprint "
-                         f"{fingerprint(frame)[:12]}, the card records {str(card['index_fingerprint'])[:12]}): "
-                         "refit it with that index")
+    given = fingerprint(frame)
+    if given != card["index_fingerprint"]:
+        raise ValueError(f"this index is not the one {card.version} was trained on (fingerprint {given[:12]}, "
+                         f"the card records {str(card['index_fingerprint'])[:12]}): refit it with that index")
     split = card_split(card, frame)
     refitted, _, _ = fit_and_measure(model, *(split.part(name) for name in SPLITS))
     return refitted
