@@ -215,9 +215,12 @@ def score(options: ScoreOptions) -> dict:
         raise ScoreError(f"cannot read --labels: {err}", 2) from None
     out = Path(options.out).resolve()
     times = StageTimes()
+    # A model folder is checked before Ray starts, so a refused one costs nothing; the Serve
+    # backend's model can only be asked through Ray.
+    info = None if options.backend == "serve" else model_info(options)
     with times.measure("ray_s"):
         ensure_ray()
-    info = model_info(options)
+    info = info or model_info(options)
     pool = plan(options)
     log.info("scoring pool: %s", pool.describe())
     with _locked(out):
