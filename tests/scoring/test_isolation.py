@@ -188,18 +188,18 @@ def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
 
 
 
-def test_a_model_folder_that_cannot_answer_is_refused_before_ray_starts(tmp_path):
-    import ray
+def test_a_model_folder_that_cannot_answer_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    from xray_ray.scoring import run
 
-    from xray_ray.scoring.run import score
-
+    started = []
+    monkeypatch.setattr(run, "ensure_ray", lambda *args, **kwargs: started.append(True))
     (tmp_path / "archive").mkdir()
     options = ScoreOptions(archives=[str(tmp_path / "archive")], out=str(tmp_path / "out"),
                            model=str(tmp_path / "no-such-model"))
     with pytest.raises(ScoreError, match="no-such-model") as caught:
-        score(options)
+        run.score(options)
     assert caught.value.exit_code == 3
-    assert not ray.is_initialized()  # nothing was started for a run that could not begin
+    assert not started  # nothing was started for a run that could not begin
     assert not (tmp_path / "out").exists()
 
 # --- a ledger that survives power losses --------------------------------------------------
