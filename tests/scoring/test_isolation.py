@@ -187,7 +187,6 @@ def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
     assert caught.value.exit_code == 3
 
 
-
 def test_a_model_folder_that_cannot_answer_is_refused_before_ray_starts(tmp_path, monkeypatch):
     from xray_ray.scoring import run
 
@@ -201,6 +200,7 @@ def test_a_model_folder_that_cannot_answer_is_refused_before_ray_starts(tmp_path
     assert caught.value.exit_code == 3
     assert not started  # nothing was started for a run that could not begin
     assert not (tmp_path / "out").exists()
+
 
 # --- a ledger that survives power losses --------------------------------------------------
 
