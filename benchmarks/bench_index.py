@@ -15,7 +15,7 @@ from common import print_table, save
 
 from xray_ray.images import index as indexing
 from xray_ray.images import synth
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 
 
 def main() -> None:
@@ -27,7 +27,6 @@ def main() -> None:
         started = time.perf_counter()
         synth.write_dataset(root, per_class=args.files // 4, size=299, seed=0)
         synth_s = time.perf_counter() - started
-        ensure_ray()
         indexing.build_index(root)  # warm-up: Ray workers and imports
         started = time.perf_counter()
         frame, _ = indexing.build_index(root)
@@ -48,4 +47,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ray_session():
+        main()

@@ -92,18 +92,16 @@ def cpu_role(pid: int, driver: int) -> str | None:
 def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
                batch: int, engine: str) -> None:
     """Runs in a fresh process: start a local Ray, then time one scoring run of `archive`."""
-    import ray  # after xray_ray, which keeps a local Ray on loopback
-
-    from xray_ray.ray_runtime import ensure_ray
-    from xray_ray.scoring.options import ScoreOptions
+    from xray_ray.config_services import ScoreConfig
+    from xray_ray.ray_runtime import ray_session
     from xray_ray.scoring.run import score
 
-    ensure_ray(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
-    started = time.perf_counter()
-    summary = score(ScoreOptions(archives=[archive], model=model, out=out, run="bench", actors=actors, engine=engine,
-                                 cpus_per_actor=cpus_per_actor, read_cpus=read_cpus, batch_size=batch))
-    seconds = time.perf_counter() - started
-    ray.shutdown()
+    with ray_session(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_")):
+        started = time.perf_counter()
+        summary = score(ScoreConfig(archives=[archive], model=model, out=out, run="bench", actors=actors,
+                                    engine=engine, cpus_per_actor=cpus_per_actor, read_cpus=read_cpus,
+                                    batch_size=batch))
+        seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "files": summary["files"], "scored": summary["scored"],
                       "engines": summary["engines"], "steady_img_s": steady_rate(Path(out) / "bench"),
                       "timing": summary["timing"]}))

@@ -32,7 +32,7 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.images import synth
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.processes import free_port
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 
 
 def phantom_pngs(count: int) -> list[bytes]:
@@ -99,17 +99,16 @@ def main() -> None:
     parser.add_argument("--save-as", default="serve", help="figures go to reports/bench/<this>.json")
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
+    from xray_ray.config_services import ServeConfig
     from xray_ray.serving import app as serving
-    from xray_ray.serving.settings import ServeSettings
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=max(2, int(args.replica_cpus)),
+                                                           log_to_driver=False):
         folder = args.model or Path(tmp) / "effb1"
         card = ModelCard.read(folder).data if folder.exists() else train_and_export(folder, args.size).card
         images = phantom_pngs(64)
-        ensure_ray(num_cpus=max(2, int(args.replica_cpus)), log_to_driver=False)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         rows, ceilings = [], []
@@ -121,10 +120,10 @@ def main() -> None:
                 ceilings.append({"repeat": repeat, "max_batch_forward_ms": reference_ms,
                                  "model_only_img_s": args.max_batch * 1000 / reference_ms})
                 for engine, max_batch in ((e, b) for e in args.engines for b in (args.max_batch, 1)):
-                    settings = ServeSettings(model=str(folder), engine=engine, max_batch_size=max_batch,
-                                             batch_wait_timeout_s=args.wait_ms / 1000,
-                                             max_ongoing_requests=2 * args.max_batch, num_cpus=args.replica_cpus)
-                    serving.start(settings, port=port)
+                    settings = ServeConfig(model=str(folder), engine=engine, max_batch_size=max_batch,
+                                           batch_wait_timeout_s=args.wait_ms / 1000, port=port,
+                                           max_ongoing_requests=2 * args.max_batch, num_cpus=args.replica_cpus)
+                    serving.start(settings)
                     for clients in args.clients:
                         result = load(url, images, clients, args.requests)
                         runtime = httpx.get(f"{url}/model", timeout=60).json()["runtime"]
@@ -135,7 +134,6 @@ def main() -> None:
                         print_table(rows[-1:])
         finally:
             serve.shutdown()
-            ray.shutdown()
     engine, most = args.engines[0], max(args.clients)
     per_repeat = []
     for ceiling in ceilings:

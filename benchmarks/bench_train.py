@@ -24,7 +24,7 @@ from common import ROOT, print_table, save
 from xray_ray.config import flat_config, load_config
 from xray_ray.images import synth
 from xray_ray.images.index import build_index
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 from xray_ray.training import data
 from xray_ray.training.network import (
     build_model,
@@ -92,7 +92,6 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=150)
     parser.add_argument("--epochs", type=int, help="override each backbone's epochs (LEARNING)")
     args = parser.parse_args()
-    ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:
         synth.write_dataset(Path(tmp), per_class=args.per_class, size=96, seed=5)
         frame, _ = build_index(tmp)
@@ -107,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ray_session():
+        main()

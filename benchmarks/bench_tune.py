@@ -27,7 +27,7 @@ from common import print_table, save
 
 from xray_ray.images import synth
 from xray_ray.images.index import build_index
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 from xray_ray.tuning.experiment import load_experiment_config, run_experiment
 from xray_ray.tuning.storage import plan
 
@@ -71,7 +71,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("xray_ray").setLevel(logging.INFO)
-    ensure_ray(num_cpus=2)
     config, settings = load_experiment_config(CONFIG, [
         f"tune.num_samples={args.trials}", f"lra.epochs={args.epochs}", "tune.grace_period=1",
         "tune.reduction_factor=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=1",
@@ -118,4 +117,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ray_session(num_cpus=2):
+        main()

@@ -18,7 +18,7 @@ import pandas as pd
 import ray
 from common import print_table, save
 
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 from xray_ray.training import data
 
 CLASS_SIZES = {"COVID": 3616, "Lung_Opacity": 6012, "Normal": 10192, "Viral Pneumonia": 1345}
@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=21000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    ensure_ray()
     frame = index_rows(args.rows)
     pandas_s, reference = timed(lambda: data.undersample_frame(frame, 123), args.repeats)
     ray_s, kept = timed(lambda: on_ray(frame, 123), args.repeats)
@@ -74,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ray_session():
+        main()

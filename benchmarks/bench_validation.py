@@ -23,7 +23,7 @@ from common import BENCH_DIR, ROOT, print_table, save
 from xray_ray.config import load_config
 from xray_ray.images import synth
 from xray_ray.images.index import build_index
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import ray_session
 from xray_ray.reports.figures import plot_curves
 from xray_ray.training.run import fit, prepare_training_data, refresh_statistics
 
@@ -56,7 +56,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--backbone", default="compact")
     args = parser.parse_args()
-    ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:
         synth.write_dataset(Path(tmp), per_class=args.per_class, size=299, seed=0)  # as the demo draws them
         frame, _ = build_index(tmp)
@@ -75,4 +74,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ray_session():
+        main()

@@ -32,14 +32,11 @@ REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA",
 def ray_local(tmp_path_factory):
     """A local Ray for this test session, started as every command starts one (loopback, token auth), in its
     own temp dir, stopped at the end. Subprocesses inherit its token settings and can join it."""
-    import ray
-
-    from xray_ray.ray_runtime import ensure_ray
+    from xray_ray.ray_runtime import ray_session
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray(num_cpus=2, log_to_driver=False, temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2, log_to_driver=False, temp_dir=str(tmp_path_factory.mktemp("ray"))):
+        yield
 
 
 @pytest.fixture(scope="session")

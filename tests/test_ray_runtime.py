@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from xray_ray.ray_runtime import MULTI_HOST_SWITCH, is_loopback_address, use_address, write_token_file
+from xray_ray.loopback import MULTI_HOST_SWITCH, is_loopback_address, use_address
+from xray_ray.ray_runtime import write_token_file
 
 
 @pytest.mark.parametrize("address, loopback", [

@@ -18,7 +18,7 @@ from tests.helpers import REPO
 from tests.running import Command, user_env
 from xray_ray.images import synth
 from xray_ray.processes import command_line, free_port
-from xray_ray.ray_runtime import is_loopback_host
+from xray_ray.loopback import is_loopback_host
 from xray_ray.scoring.run import read_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -37,6 +37,17 @@ def assert_all_on_loopback(command: Command, what: str) -> list[dict]:
     exposed = [row for row in listeners if not is_loopback_host(row["address"])]
     assert not exposed, f"{what} listens beyond loopback: {exposed}"
     return listeners
+
+
+def fresh_home(tmp_path: Path) -> Path:
+    """A new user's home folder: a command run with it must leave no Ray token there (~/.ray/auth_token)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
+
+
+def assert_no_ray_token_left(home: Path) -> None:
+    assert not (home / ".ray").exists(), f"Ray's default token folder was made: {list((home / '.ray').rglob('*'))}"
 
 
 def assert_stops(command: Command, how: str) -> None:
@@ -83,9 +94,10 @@ def archive(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("how", HOWS)
 def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_model, tmp_path, how):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, home = free_port(), free_port(), fresh_home(tmp_path)
     server = Command(["serve", "--model", str(compact_model[0]), "--port", str(port), "--num-cpus", "0.5"],
-                     tmp_path / "serve.log", tmp_path, env=user_env(XRAY_RAY_METRICS_PORT=str(metrics_port)))
+                     tmp_path / "serve.log", tmp_path,
+                     env=user_env(XRAY_RAY_METRICS_PORT=str(metrics_port), HOME=str(home)))
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -109,6 +121,7 @@ def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_m
         server.kill()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/healthz", timeout=5)
+    assert_no_ray_token_left(home)
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -116,7 +129,8 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
     out = tmp_path / "scores"
     args = ["score", "--archive", str(archive), "--model", str(compact_model[0]), "--out", str(out), "--run", "night",
             "--files-per-task", "32", "--commit-rows", "32", "--batch-size", "16", "--threads", "1"]
-    scoring = Command(args, tmp_path / "score.log", tmp_path)
+    home = fresh_home(tmp_path)
+    scoring = Command(args, tmp_path / "score.log", tmp_path, env=user_env(HOME=str(home)))
     try:
         scoring.wait_for(lambda: any(out.glob("night/predictions/part-*.parquet")), 300, "a committed part")
         assert_all_on_loopback(scoring, "xray-ray score")
@@ -125,6 +139,7 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
         scoring.kill()
     committed = read_predictions(out / "night")
     assert 0 < len(committed) < ARCHIVE_FILES, "the run was not stopped mid-way"
+    assert_no_ray_token_left(home)
 
     rerun = Command(args, tmp_path / "rerun.log", tmp_path)
     try:

@@ -11,31 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-# The demo's driver joins its own head, which checks Ray's token; Ray reads the mode once, when first imported
-# (the token file itself is named once the head has made it).
-os.environ["RAY_AUTH_MODE"] = "token"
-
-import httpx  # noqa: E402 - every import below comes after the setting above: they pull in Ray
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from xray_ray.config import load_config  # noqa: E402
-from xray_ray.images.index import build_index, save_index  # noqa: E402
-from xray_ray.images.synth import SYNTHETIC_NOTE, write_dataset  # noqa: E402
-from xray_ray.processes import free_port, sigterm_as_interrupt, stop_signals_ignored  # noqa: E402
-from xray_ray.ray_runtime import LocalHead, ensure_ray  # noqa: E402
-from xray_ray.reports.tables import write_json  # noqa: E402
-from xray_ray.serving.app import start as start_serving  # noqa: E402
-from xray_ray.serving.settings import ServeSettings  # noqa: E402
-from xray_ray.training.network import WeightsUnavailableError, resolve_weights  # noqa: E402
+from xray_ray.config import load_config
+from xray_ray.config_field import setting
+from xray_ray.images.index import build_index, save_index
+from xray_ray.images.synth import SYNTHETIC_NOTE, write_dataset
+from xray_ray.processes import free_port
+from xray_ray.ray_runtime import LocalHead, ray_session
+from xray_ray.reports.tables import write_json
+from xray_ray.training.network import WeightsUnavailableError, resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CONFIG = "configs/tune_demo.yaml"
@@ -48,14 +38,25 @@ log = logging.getLogger(__name__)
 class DemoOptions:
     """What the demo runs on and how big it is (the defaults are the README's `make demo`)."""
 
-    out: Path
-    backbone: str | None = None  # None: compact on synthetic data, the tuning config's (EfficientNetB1) on real
-    data: Path | None = None  # a real dataset root; synthetic phantoms when None
-    per_class: int = 150
+    out: Path = setting(Path("demo_output"), "Folder for everything the demo writes.")
+    backbone: str | None = setting(None, "compact (learns from scratch on a CPU; the default on synthetic data) or "
+                                         "efficientnetb1 (the origin's network; the default with --data).")
+    data: Path | None = setting(None, "A real COVID-19 Radiography Database folder instead of synthetic phantoms "
+                                      "(real-size settings: configs/tune_real.yaml).")
+    per_class: int = setting(150, "Synthetic phantoms per class.")
+    archive_per_class: int = setting(10, "Synthetic archive images per class to score.")
+    tune_overrides: list = setting(list, "Override a tuning setting, e.g. --set tune.num_samples=2 (repeatable).")
     image_size: int = 299
-    archive_per_class: int = 10
-    tune_overrides: list[str] = field(default_factory=list)
     num_cpus: int = 2
+
+    def __post_init__(self) -> None:
+        self.out, self.data = Path(self.out), Path(self.data) if self.data is not None else None
+        if self.backbone not in (None, "compact", "efficientnetb1"):
+            raise ValueError(f"--backbone must be compact or efficientnetb1, got {self.backbone!r}")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ValueError(f"dataset folder not found: {self.data}")
+        if self.per_class < 4 or self.archive_per_class < 1:
+            raise ValueError("--per-class must be at least 4 and --archive-per-class at least 1")
 
 
 class DemoError(RuntimeError):
@@ -100,6 +101,8 @@ def write_archive(folder: Path, per_class: int) -> dict[str, int]:
 
 def ask_serve(url: str, files: list[Path]) -> list[dict]:
     """POST each file to /predict with a plain HTTP client; print and return the answers."""
+    import httpx
+
     answers = []
     for path in files:
         response = httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())}, timeout=120)
@@ -144,46 +147,54 @@ def run_demo(options: DemoOptions) -> dict:
         with stages("synthesize", f"synthesize {options.per_class} phantoms per class in {root}"):
             write_dataset(root, per_class=options.per_class, size=options.image_size, seed=0)
             write_archive(archive, options.archive_per_class)
-    with sigterm_as_interrupt():  # `kill` stops the head and Serve too, as Ctrl-C does
-        answers = _run_stages(options, stages, synthetic, root, archive, model, tune_reports, backbone, out)
+    answers = _run_stages(options, stages, synthetic, root, archive, model, tune_reports, backbone, out)
     return summarize(out, tune_reports, answers, stages.seconds, synthetic)
 
 
 def _run_stages(options: DemoOptions, stages: Stages, synthetic: bool, root: Path, archive: Path, model: Path,
                 tune_reports: Path, backbone: str, out: Path) -> list[dict]:
-    """Start the head, then index, tune, score and serve on it; everything started is stopped on the way out."""
+    """Start the head, then index, tune, score and serve on it, all in one Ray session; Ctrl-C or SIGTERM
+    at any point stops everything started (the session's way out), timed as the last stage."""
     head = LocalHead(num_cpus=options.num_cpus)
-    try:
-        with stages("start_ray", "start a local Ray head (127.0.0.1, token auth, dashboard and job API included)"):
-            head.start()
-            os.environ.update(head.client_env())  # for this driver and `ray job submit`
-            ensure_ray(address=head.gcs, log_to_driver=False)
-            print(f"    Ray at {head.gcs}; dashboard and job API: {head.dashboard}; token file: {head.token_file}")
-        with stages("index", f"index {root} on Ray Data"):
-            frame, _ = build_index(root)
-            save_index(frame, out / "index.parquet")
-            print(f"    {len(frame)} files, {int((~frame['readable']).sum())} unreadable")
-        config, overrides = tuning_settings(options, synthetic, backbone)
-        with stages("tune", f"tune with `ray job submit ... jobs/tune.py --config {config}`"):
-            submit(head.dashboard, "tune.py", [
-                "--config", config, *[arg for o in overrides for arg in ("--set", o)],
-                "--index", str(out / "index.parquet"), "--name", "demo", "--storage-path", str(out / "tune_results"),
-                "--out", str(model), "--report-dir", str(tune_reports), "--overwrite"])
-        with stages("score", f"score the archive {archive} with `ray job submit ... jobs/score.py`"):
-            submit(head.dashboard, "score.py", ["--archive", str(archive), "--model", str(model),
-                                                "--out", str(out / "scores"), "--run", "demo"])
-        with stages("serve", "serve the best model with Ray Serve and ask it over HTTP"):
-            port = free_port()
-            start_serving(ServeSettings(model=str(model), num_cpus=1), port=port)
-            images = sorted(archive.glob("*/images/*.png")) or sorted(archive.glob("*/*.png"))  # either layout
-            samples = images[:: max(1, len(images) // 4)][:4]  # one per class folder
-            answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
-            serve.shutdown()
-    finally:
-        with stop_signals_ignored(), stages("stop", "stop what the demo started"):
-            if ray.is_initialized():
-                ray.shutdown()
-            head.stop()
+    with ExitStack() as session:
+        try:
+            with stages("start_ray", "start a local Ray head (127.0.0.1, token auth, dashboard and job API included)"):
+                session.enter_context(ray_session(head=head, log_to_driver=False))
+                print(f"    Ray at {head.gcs}; dashboard and job API: {head.dashboard}; token file: {head.token_file}")
+            with stages("index", f"index {root} on Ray Data"):
+                frame, _ = build_index(root)
+                save_index(frame, out / "index.parquet")
+                print(f"    {len(frame)} files, {int((~frame['readable']).sum())} unreadable")
+            config, overrides = tuning_settings(options, synthetic, backbone)
+            with stages("tune", f"tune with `ray job submit ... jobs/tune.py --config {config}`"):
+                submit(head.dashboard, "tune.py", [
+                    "--config", config, *[arg for o in overrides for arg in ("--set", o)],
+                    "--index", str(out / "index.parquet"), "--name", "demo", "--storage-path",
+                    str(out / "tune_results"), "--out", str(model), "--report-dir", str(tune_reports), "--overwrite"])
+            with stages("score", f"score the archive {archive} with `ray job submit ... jobs/score.py`"):
+                submit(head.dashboard, "score.py", ["--archive", str(archive), "--model", str(model),
+                                                    "--out", str(out / "scores"), "--run", "demo"])
+            with stages("serve", "serve the best model with Ray Serve and ask it over HTTP"):
+                answers = serve_and_ask(model, archive)
+        finally:
+            with stages("stop", "stop what the demo started"):
+                session.close()
+    return answers
+
+
+def serve_and_ask(model: Path, archive: Path) -> list[dict]:
+    """Serve `model` on a free loopback port, ask it about one image per class and a bad file, stop Serve."""
+    from ray import serve
+
+    from xray_ray.config_services import ServeConfig
+    from xray_ray.serving.app import start as start_serving
+
+    port = free_port()
+    start_serving(ServeConfig(model=str(model), num_cpus=1, port=port))
+    images = sorted(archive.glob("*/images/*.png")) or sorted(archive.glob("*/*.png"))  # either layout
+    samples = images[:: max(1, len(images) // 4)][:4]  # one per class folder
+    answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
+    serve.shutdown()
     return answers
 
 

@@ -1,23 +1,23 @@
-"""Starting or joining Ray securely: the one way every command gets a Ray, and a local head of our own.
+"""The one Ray session every command enters, and a local head of our own.
 
-A Ray started here (a command's own local Ray, or `LocalHead`) keeps Ray's token
-authentication on, with a fresh random token in a file only this user can read (mode 0600
-in a 0700 folder), and binds every listener (GCS, raylet, workers, dashboard and
-runtime-env agents) to 127.0.0.1. Joining a cluster (`address` or RAY_ADDRESS) follows
-Ray's own rules: RAY_AUTH_MODE=token and the cluster's token from RAY_AUTH_TOKEN_PATH,
-RAY_AUTH_TOKEN or ~/.ray/auth_token. Nothing here turns authentication off.
+`ray_session` is the only way into Ray: it joins `address` (or RAY_ADDRESS), or starts a
+local Ray that keeps Ray's token authentication on, with a fresh random token in a file
+only this user can read (mode 0600 in a 0700 folder, removed on exit), and binds every
+listener to 127.0.0.1 (xray_ray.loopback). Within the session SIGTERM interrupts as Ctrl-C
+does, and on the way out the Ray it started is shut down. Library code never starts Ray:
+it calls `require_ray`, which fails with a clear error outside a session, and Ray's own
+auto-start (Ray Data or Tune called with no Ray) is switched off when this module is
+imported, which `xray_ray/__init__.py` does first.
 
-Ray on Linux advertises, and binds to, the machine's network address even for a node on
-127.0.0.1 unless its multi-host mode is off when Ray is *imported*; importing this module
-(which `xray_ray/__init__.py` does first) turns it off unless RAY_ADDRESS names a remote
-cluster, and `use_address` decides again before a command imports Ray.
+Joining a cluster follows Ray's own rules: RAY_AUTH_MODE=token and the cluster's token
+from RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token. Nothing here turns
+authentication off.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import logging
 import os
 import secrets
@@ -31,56 +31,28 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from xray_ray.loopback import LOOPBACK, MULTI_HOST_SWITCH, use_address
 from xray_ray.processes import free_port, sigterm_as_interrupt, stop_process_group, stop_signals_ignored
 
-LOOPBACK = "127.0.0.1"
-MULTI_HOST_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TOKEN_FILE = "auth_token"
 METRICS_PORT_ENV = "XRAY_RAY_METRICS_PORT"
 """A fixed metrics export port for a local Ray (for a Prometheus scrape config); a free one otherwise."""
+AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
+"""Ray's switch for starting a default local Ray (token in ~/.ray, mode 0644) when an API is used without one."""
 
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for `127.0.0.1`, `::1`, `::ffff:127.0.0.1`, `localhost`; False for `0.0.0.0`, `::` and every other host."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack listener reports loopback
-    return ip.is_loopback or bool(mapped and mapped.is_loopback)
-
-
-def is_loopback_address(address: str) -> bool:
-    """True for `127.0.0.1:6379`, `http://localhost:8265`, `ray://[::1]:10001`...; False for any other host."""
-    return is_loopback_host(urlsplit(address if "://" in address else f"//{address}").hostname or "")
-
-
-def use_address(address: str | None) -> None:
-    """Choose the Ray this process (and its children) will use, before Ray is imported: `address`
-    (kept in RAY_ADDRESS), else RAY_ADDRESS, else a new local Ray.
-
-    A local Ray or a head on loopback needs Ray's multi-host mode off, a remote cluster needs it on.
-    """
-    if address:
-        os.environ["RAY_ADDRESS"] = address
-    target = os.environ.get("RAY_ADDRESS", "")
-    if not target or is_loopback_address(target):
-        os.environ[MULTI_HOST_SWITCH] = "0"
-    elif os.environ.get(MULTI_HOST_SWITCH) == "0":
-        del os.environ[MULTI_HOST_SWITCH]
-
+os.environ[AUTO_CONNECT_ENV] = "0"  # read by Ray when imported: only ray_session connects
 
 if "ray" not in sys.modules:  # in a Ray worker Ray is imported already and its node decided this
     use_address(None)
+
+
+class NoRaySessionError(RuntimeError):
+    """A function that needs Ray was called outside `ray_session`."""
 
 
 def write_token_file(folder: Path) -> Path:
@@ -101,7 +73,7 @@ def _private_token() -> Path:
 
 
 def _check_local_start_is_safe() -> None:
-    from ray._private import ray_constants  # Ray is imported by now (ensure_ray)
+    from ray._private import ray_constants  # Ray is imported by now (_connect)
 
     if ray_constants.ENABLE_RAY_CLUSTER:
         raise RuntimeError(
@@ -120,20 +92,16 @@ def started_local_ray() -> bool:
     return _local_ray_started
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_driver: bool = True,
-               temp_dir: str | None = None) -> None:
-    """Connect to Ray once per process, the one way every command does: `address`, else RAY_ADDRESS,
-    else a new local Ray on loopback with token authentication (`temp_dir`: its session folder).
-    Later calls do nothing.
+def _connect(num_cpus: int | None, address: str | None, log_to_driver: bool, temp_dir: str | None) -> None:
+    """Join `address` (else RAY_ADDRESS), else start a local Ray on loopback with token authentication
+    (`temp_dir`: its session folder).
 
     `ray.init` installs a SIGTERM handler that aborts the process; the handler that was
-    there before is put back, so a command's own clean-up still runs on `kill`.
+    there before is put back, so the session's clean-up still runs on `kill`.
     """
     import ray  # heavy, and it must read the environment set above when first imported
 
     global _local_ray_started
-    if ray.is_initialized():
-        return
     on_sigterm = signal.getsignal(signal.SIGTERM)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -153,31 +121,66 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, log_to_d
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def ray_connected() -> bool:
+    """True when this process is connected to a Ray (a session's, or the Ray of the worker it runs in)."""
+    ray = sys.modules.get("ray")  # never imported: never connected, and no reason to import it here
+    return ray is not None and ray.is_initialized()
+
+
+def require_ray(what: str) -> None:
+    """Fail with NoRaySessionError unless Ray is connected: the check library code makes instead of starting one."""
+    if not ray_connected():
+        raise NoRaySessionError(
+            f"{what} needs Ray, and no Ray session is open: call it inside xray_ray.ray_runtime.ray_session() "
+            "(every xray-ray command opens one); library code never starts Ray")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, head: LocalHead | None = None, num_cpus: int | None = None,
+                log_to_driver: bool = True, temp_dir: str | None = None) -> Iterator[None]:
+    """The one way a command gets Ray, around its whole run.
+
+    It joins `address` (else RAY_ADDRESS), starts `head` and joins it, or else starts a local
+    Ray of `num_cpus` CPUs (`temp_dir`: its session folder). Within the block SIGTERM raises
+    KeyboardInterrupt as Ctrl-C does; on the way out this process leaves Ray, a Ray it started
+    is shut down and `head` is stopped, without a second signal cutting that short. Entered
+    while already connected (the demo's stages, a test session's Ray), it uses that Ray and
+    leaves it running: the outer session owns it.
+    """
+    global _local_ray_started
+    if ray_connected():
+        if head is not None:
+            raise RuntimeError("a Ray session is open already: a head cannot be started and joined inside it")
+        yield
+        return
+    with sigterm_as_interrupt():
+        try:
+            if head is not None:
+                head.start()
+                os.environ.update(head.client_env())  # for this driver and the `ray job submit`s it runs
+                address = head.gcs
+            use_address(address)  # before Ray is imported
+            _connect(num_cpus, address, log_to_driver, temp_dir)
+            yield
+        finally:
+            with stop_signals_ignored():
+                if ray_connected():
+                    sys.modules["ray"].shutdown()
+                if head is not None:
+                    head.stop()
+                _local_ray_started = False
+
+
 def metrics_url() -> str | None:
     """Where Prometheus scrapes this process's node: `http://<node address>:<metrics export port>/metrics`
     (loopback on a Ray started here; it needs no token, so it must never be exposed). None if unknown."""
-    import ray  # connected by ensure_ray
+    import ray  # connected by ray_session
 
     node_id = ray.get_runtime_context().get_node_id()
     for node in ray.nodes():
         if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
             return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     return None
-
-
-@contextlib.contextmanager
-def ray_stopped_on_interrupt() -> Iterator[None]:
-    """Around a command's whole run: SIGTERM interrupts it as Ctrl-C does (KeyboardInterrupt), and on the
-    way out a Ray this process started is shut down, without a second signal cutting that short."""
-    with sigterm_as_interrupt():
-        try:
-            yield
-        finally:
-            if _local_ray_started:
-                import ray  # imported by ensure_ray already
-
-                with stop_signals_ignored():
-                    ray.shutdown()
 
 
 @dataclass

@@ -13,7 +13,8 @@ import yaml
 from tests.deploy.kube import MANIFESTS, REPO, mounts, pod_templates, the
 from xray_ray.config import CLASS_NAMES, SERVE_APP_NAME
 from xray_ray.model_folder.card import CARD_FILE
-from xray_ray.serving.settings import ServeSettings
+from xray_ray.config_services import ServeConfig
+from xray_ray.serving.settings import checked_model
 
 
 @pytest.fixture()
@@ -48,18 +49,18 @@ def _card(folder) -> None:
 
 
 def test_its_args_build_serve_settings(application, tmp_path):
-    fields = {field.name for field in dataclasses.fields(ServeSettings)}
+    fields = {field.name for field in dataclasses.fields(ServeConfig)}
     args = application["args"]
-    assert set(args) <= fields, f"not ServeSettings fields: {set(args) - fields}"
-    _card(tmp_path)  # ServeSettings reads the model folder's card
-    settings = ServeSettings(**{**args, "model": str(tmp_path)})
-    assert settings.max_ongoing_requests >= settings.max_batch_size
+    assert set(args) <= fields, f"not `serve:` settings: {set(args) - fields}"
+    _card(tmp_path)  # the app builder reads the model folder's card
+    settings = checked_model(ServeConfig(**{**args, "model": str(tmp_path)}))
+    assert settings.ongoing_requests >= settings.max_batch_size
 
 
 def test_a_broken_args_set_is_refused(application, tmp_path):
     _card(tmp_path)
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        ServeSettings(**{**application["args"], "model": str(tmp_path), "max_ongoing_requests": 1})
+        ServeConfig(**{**application["args"], "model": str(tmp_path), "max_ongoing_requests": 1})
 
 
 def _pods():

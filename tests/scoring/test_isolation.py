@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 
 from tests.badfiles import write_good_files
 from xray_ray.config import CLASS_NAMES
+from xray_ray.config_services import ScoreConfig
 from xray_ray.scoring import archive, ledger, pipeline
-from xray_ray.scoring.options import ModelInfo, ScoreError, ScoreOptions, model_info
+from xray_ray.scoring.preflight import ModelInfo, ScoreError, model_info
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, Scorer, read_and_prepare
 from xray_ray.scoring.run import _write_part, read_predictions, run_folder
 
@@ -176,10 +178,10 @@ def test_a_named_pipe_without_extension_is_not_opened_by_the_walk(tmp_path):
 
 
 def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
-    from xray_ray.scoring import options as scoring_options
+    from xray_ray.scoring import preflight
 
-    monkeypatch.setattr(scoring_options, "_card_info", lambda folder, engine: ModelInfo("compact-v2", "onnxruntime", 64))
-    options = ScoreOptions(archives=[str(tmp_path)], out=str(tmp_path / "out"), model=str(tmp_path))
+    monkeypatch.setattr(preflight, "_card_info", lambda folder, engine: ModelInfo("compact-v2", "onnxruntime", 64))
+    options = ScoreConfig(archives=[str(tmp_path)], out=str(tmp_path / "out"), model=str(tmp_path))
     assert model_info(options).version == "compact-v2"
     options.expect_version = "compact-v1"
     with pytest.raises(ScoreError, match="version 'compact-v2', not the expected 'compact-v1'") as caught:
@@ -188,17 +190,17 @@ def test_expect_version_refuses_another_model_version(tmp_path, monkeypatch):
 
 
 def test_a_model_folder_that_cannot_answer_is_refused_before_ray_starts(tmp_path, monkeypatch):
-    from xray_ray.scoring import run
+    from typer.testing import CliRunner
 
-    started = []
-    monkeypatch.setattr(run, "ensure_ray", lambda *args, **kwargs: started.append(True))
+    from xray_ray.cli import app, services
+
+    sessions = []
+    monkeypatch.setattr(services, "ray_session", lambda *args, **kwargs: sessions.append(args) or nullcontext())
     (tmp_path / "archive").mkdir()
-    options = ScoreOptions(archives=[str(tmp_path / "archive")], out=str(tmp_path / "out"),
-                           model=str(tmp_path / "no-such-model"))
-    with pytest.raises(ScoreError, match="no-such-model") as caught:
-        run.score(options)
-    assert caught.value.exit_code == 3
-    assert not started  # nothing was started for a run that could not begin
+    result = CliRunner().invoke(app, ["score", "--archive", str(tmp_path / "archive"), "--out", str(tmp_path / "out"),
+                                      "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code == 3 and "no-such-model" in result.output
+    assert not sessions  # no Ray session was opened for a run that could not begin
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,7 @@ from tests.metrics_scrape import samples, scrape_until, total
 from xray_ray.config import CLASS_NAMES
 from xray_ray.images import synth
 from xray_ray.scoring.metrics import LATEST_FILE, RUN_FILE, prometheus_text
-from xray_ray.scoring.options import ScoreOptions
+from xray_ray.config_services import ScoreConfig
 
 SUMMARY = {"run": 'night "1"', "model_version": "m-1", "scored": 7, "errors": 3, "out_of_distribution": 2,
            "per_class": dict(zip(CLASS_NAMES, [2, 1, 1, 1])), "error_codes": {"truncated": 2, "not_an_image": 1},
@@ -41,7 +41,7 @@ def test_a_run_exports_live_counters_and_leaves_text_files_equal_to_its_summary(
     synth.write_dataset(archive, per_class=2, size=96, seed=11)
     write_bad_files(archive / "bad")
     out = tmp_path / "out"
-    summary = score(ScoreOptions(archives=[str(archive)], model=str(compact_model[0]), out=str(out), run="metrics",
+    summary = score(ScoreConfig(archives=[str(archive)], model=str(compact_model[0]), out=str(out), run="metrics",
                                  explain=0))
     assert summary["errors"] > 0 and summary["scored"] == 8
     tags = {"run": "metrics", "model_version": summary["model_version"]}

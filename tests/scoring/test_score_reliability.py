@@ -34,7 +34,7 @@ from xray_ray.images import synth
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import command_line, process_tree
-from xray_ray.scoring.options import ScoreOptions
+from xray_ray.config_services import ScoreConfig
 from xray_ray.scoring.pipeline import PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 from xray_ray.scoring.run import read_predictions, score
 
@@ -47,7 +47,7 @@ def model(compact_model, ray_local) -> Path:
 
 
 def _score(archive: Path, model: Path, out: Path, run: str, **options) -> dict:
-    return score(ScoreOptions(archives=[str(archive)], model=str(model), out=str(out), run=run, **options))
+    return score(ScoreConfig(archives=[str(archive)], model=str(model), out=str(out), run=run, **options))
 
 
 def _rows(out: Path) -> pd.DataFrame:

@@ -33,11 +33,13 @@ SERVE_CONFIG = REPO / "configs" / "serve.yaml"
 
 
 def settings_for(model_dir: Path, **changes):
-    from xray_ray.serving.settings import ServeSettings
+    """The module's `serve:` settings, checked against the model folder as `xray-ray serve` checks them."""
+    from xray_ray.config_services import ServeConfig
+    from xray_ray.serving.settings import checked_model
 
     base = dict(model=str(model_dir), max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=0.5,
                 max_body_mb=MAX_BODY_MB, max_batch_files=8)
-    return ServeSettings(**{**base, **changes})
+    return checked_model(ServeConfig(**{**base, **changes}))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def served(ray_local, compact_model):
     from xray_ray.serving import app as serving
 
     port = free_port()
-    serving.start(settings_for(compact_model[0]), host="127.0.0.1", port=port)
+    serving.start(settings_for(compact_model[0], host="127.0.0.1", port=port))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -182,6 +184,7 @@ def test_32_concurrent_worst_case_uploads_stay_within_the_memory_budget(served, 
     from ray import serve
 
     from xray_ray.serving import app as serving
+    from xray_ray.serving.settings import memory_budget_mb
 
     settings = settings_for(compact_model[0], num_cpus=1, max_inflight_mb=8 * MAX_BODY_MB, max_batch_size=16,
                             max_ongoing_requests=32)
@@ -196,7 +199,7 @@ def test_32_concurrent_worst_case_uploads_stay_within_the_memory_budget(served, 
         assert set(statuses) <= {200, 429}, statuses
         assert 200 in statuses and all(r.json().get("error") == "busy" for r in responses if r.status_code == 429)
         budget = httpx.get(f"{url}/model").json()["serving"]["memory_budget_mb"]
-        assert budget == settings.memory_budget_mb()
+        assert budget == memory_budget_mb(settings)
         (replica,) = replica_pids("xray-ray-budget")
         peak = proc_field_mb(replica, "VmHWM")
         print(f"\n32 worst-case uploads: {statuses.count(200)} answered, {statuses.count(429)} refused; "
@@ -402,7 +405,7 @@ def test_settings_refuse_batches_that_cannot_fill(compact_model, tmp_path):
         settings_for(compact_model[0], max_batch_size=16, max_ongoing_requests=5)
     with pytest.raises(ValueError, match="model_card.json"):
         settings_for(tmp_path)
-    assert settings_for(compact_model[0], max_batch_size=16).max_ongoing_requests == 32
+    assert settings_for(compact_model[0], max_batch_size=16).ongoing_requests == 32
 
 
 def test_serve_config_yaml_is_valid_and_builds_the_app(compact_model):
@@ -411,15 +414,15 @@ def test_serve_config_yaml_is_valid_and_builds_the_app(compact_model):
     from ray.serve.schema import ServeDeploySchema
 
     from xray_ray.config import SERVE_APP_NAME
+    from xray_ray.config_services import ServeConfig
     from xray_ray.serving.app import app_builder
-    from xray_ray.serving.settings import ServeSettings
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     assert config.http_options.host == "127.0.0.1"
     (app,) = config.applications
     assert (app.name, app.import_path) == (SERVE_APP_NAME, "xray_ray.serving.app:app_builder")
-    args = {**app.args, "model": str(compact_model[0])}  # every key must be a ServeSettings field
-    assert ServeSettings(**args).max_ongoing_requests >= ServeSettings(**args).max_batch_size
+    args = {**app.args, "model": str(compact_model[0])}  # every key must be a `serve:` setting
+    assert ServeConfig(**args).ongoing_requests >= ServeConfig(**args).max_batch_size
     assert isinstance(app_builder(args), Application)
 
 
@@ -474,14 +477,14 @@ def test_cli_serve_refuses_bad_settings_before_starting_ray(compact_model, args,
 
 def test_scoring_through_serve_gives_the_actor_backends_predictions(served, compact_model, phantom_root, tmp_path):
     """The scoring job's `serve` backend reaches this app's replicas and answers as its own actors do."""
-    from xray_ray.scoring.options import ScoreOptions
+    from xray_ray.config_services import ScoreConfig
     from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
     from xray_ray.scoring.run import read_predictions, score
 
     frames = {}
     for backend in ("actors", "serve"):
         out = tmp_path / backend
-        summary = score(ScoreOptions(archives=[str(phantom_root)], out=str(out), backend=backend,
+        summary = score(ScoreConfig(archives=[str(phantom_root)], out=str(out), backend=backend,
                                      model=str(compact_model[0]) if backend == "actors" else None,
                                      cpus_per_actor=0.5, batch_size=8))
         frames[backend] = read_predictions(out / summary["run"]).sort_values("path", ignore_index=True)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from xray_ray.cli import app
 from xray_ray.config import CLASS_NAMES
-from xray_ray.serving.settings import ServeSettings, check_exposure
+from xray_ray.config_services import ServeConfig
+from xray_ray.serving.settings import check_exposure, checked_model, decode_slots, memory_budget_mb
 
 
 @pytest.fixture()
@@ -45,17 +46,18 @@ def test_a_token_or_the_insecure_flag_lets_serve_listen_on_the_network(caplog):
 
 
 def test_expect_version_refuses_another_model(model_folder):
-    assert ServeSettings(model=str(model_folder), expect_version="compact-v1").expect_version == "compact-v1"
+    assert checked_model(ServeConfig(model=str(model_folder), expect_version="compact-v1")).model == \
+        str(model_folder.resolve())
     result = CliRunner().invoke(app, ["serve", "--model", str(model_folder), "--expect-version", "compact-v2"])
     assert result.exit_code == 2 and "compact-v1" in result.output and "compact-v2" in result.output
 
 
 def test_memory_budget_grows_with_what_a_replica_may_hold(model_folder):
-    small = ServeSettings(model=str(model_folder), num_cpus=1, max_body_mb=1, max_inflight_mb=8)
-    more_bodies = ServeSettings(model=str(model_folder), num_cpus=1, max_body_mb=1, max_inflight_mb=64)
-    more_decoders = ServeSettings(model=str(model_folder), num_cpus=4, max_body_mb=1, max_inflight_mb=8)
-    assert small.decode_slots == 1 and more_decoders.decode_slots == 4
-    assert small.memory_budget_mb() < more_bodies.memory_budget_mb() and \
-        small.memory_budget_mb() < more_decoders.memory_budget_mb()
+    small = ServeConfig(model=str(model_folder), num_cpus=1, max_body_mb=1, max_inflight_mb=8)
+    more_bodies = ServeConfig(model=str(model_folder), num_cpus=1, max_body_mb=1, max_inflight_mb=64)
+    more_decoders = ServeConfig(model=str(model_folder), num_cpus=4, max_body_mb=1, max_inflight_mb=8)
+    assert decode_slots(small) == 1 and decode_slots(more_decoders) == 4
+    assert memory_budget_mb(small) < memory_budget_mb(more_bodies) and \
+        memory_budget_mb(small) < memory_budget_mb(more_decoders)
     with pytest.raises(ValueError, match="max_inflight_mb"):
-        ServeSettings(model=str(model_folder), max_body_mb=64, max_inflight_mb=8)
+        ServeConfig(model=str(model_folder), max_body_mb=64, max_inflight_mb=8)

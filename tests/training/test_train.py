@@ -155,7 +155,7 @@ def _missing_weights_config(tmp_path, monkeypatch):
 
 
 def test_weights_error_names_the_file_and_folder(tmp_path, monkeypatch):
-    from xray_ray.config import ModelConfig
+    from xray_ray.config_training import ModelConfig
     from xray_ray.training import network as model
 
     folder = _missing_weights_config(tmp_path, monkeypatch)
@@ -229,7 +229,7 @@ def test_offline_imagenet_weights_are_loaded_and_kept_through_training(offline_w
 
 @pytest.mark.parametrize("trainable, frozen_first", [("head", True), ("block7a", True), ("all", False)])
 def test_trainability_choices(trainable, frozen_first):
-    from xray_ray.config import ModelConfig
+    from xray_ray.config_training import ModelConfig
     from xray_ray.training.network import build_model
 
     model = build_model(ModelConfig(weights="none", trainable=trainable), 64)
@@ -332,8 +332,9 @@ def test_cli_refit_brings_an_older_folder_back_to_what_its_export_fitted(compact
     from xray_ray.cli import app
     from xray_ray.images.index import save_index
     from xray_ray.model_folder.card import OOD_FILE
-    from xray_ray.scoring.options import ScoreError, ScoreOptions, model_info
-    from xray_ray.serving.settings import ServeSettings
+    from xray_ray.config_services import ScoreConfig, ServeConfig
+    from xray_ray.scoring.preflight import ScoreError, model_info
+    from xray_ray.serving.settings import checked_model
 
     exported, _, _ = compact_model
     folder = shutil.copytree(exported, tmp_path / "older")
@@ -345,10 +346,10 @@ def test_cli_refit_brings_an_older_folder_back_to_what_its_export_fitted(compact
         Classifier(folder)
     # Serve and scoring refuse it before any replica or actor starts, with the same way out.
     with pytest.raises(ScoreError, match="xray-ray refit --model") as refused:
-        model_info(ScoreOptions(archives=[str(tmp_path)], out=str(tmp_path / "scores"), model=str(folder)))
+        model_info(ScoreConfig(archives=[str(tmp_path)], out=str(tmp_path / "scores"), model=str(folder)))
     assert refused.value.exit_code == 3
     with pytest.raises(ValueError, match="xray-ray refit --model"):
-        ServeSettings(model=str(folder))
+        checked_model(ServeConfig(model=str(folder)))
 
     save_index(learn_index, tmp_path / "index.parquet")
     other = learn_index.iloc[5:].reset_index(drop=True)  # not the training index: refused, nothing changed

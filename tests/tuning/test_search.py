@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xray_ray.config import TuneConfig
+from xray_ray.config_training import TuneConfig
 from xray_ray.tuning.search import asha_grace_period
 
 

@@ -116,7 +116,7 @@ def test_gpus_per_trial_auto_follows_the_cluster(monkeypatch, caplog):
 
 
 def test_existing_experiment_model_or_missing_resume_are_refused_before_any_work(tmp_path):
-    from xray_ray.config import TuneConfig
+    from xray_ray.config_training import TuneConfig
     from xray_ray.tuning.experiment import check_can_start
     from xray_ray.tuning.storage import plan
 
@@ -134,7 +134,7 @@ def test_existing_experiment_model_or_missing_resume_are_refused_before_any_work
 
 
 def test_relative_outputs_leave_a_ray_jobs_temporary_working_dir(tmp_path, monkeypatch):
-    from xray_ray.config import TuneConfig
+    from xray_ray.config_training import TuneConfig
     from xray_ray.tuning.storage import plan
 
     monkeypatch.delenv("XRAY_RAY_HOME", raising=False)

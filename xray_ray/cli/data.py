@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from xray_ray.cli.app import app, fail
+from xray_ray.cli.app import ADDRESS_OPTION, app, fail
 from xray_ray.images.synth import SYNTHETIC_NOTE
+from xray_ray.ray_runtime import ray_session
 
 
 @app.command()
@@ -29,12 +30,15 @@ def synth(
 def index(
     data_dir: Path = typer.Argument(..., help="Dataset root with one folder per class."),
     out: Path = typer.Option(Path("index.parquet"), help="Where to write the index (Parquet)."),
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Index a dataset folder: label, size, hash, dimensions and readability of every file."""
     from xray_ray.images import index as indexing
 
     try:
-        frame, found = indexing.build_index(data_dir)
+        found = indexing.discover(data_dir)  # a missing or empty folder is refused before Ray starts
+        with ray_session(address):
+            frame, found = indexing.build_index(data_dir, found)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err))
     indexing.save_index(frame, out)

@@ -1,4 +1,7 @@
-"""`xray-ray train`, `evaluate` and `tune`: making and judging models."""
+"""`xray-ray train`, `evaluate`, `refit` and `tune`: making and judging models.
+
+`train` and `tune` run inside one Ray session (Ray Data prepares their data, Tune runs the
+trials); `evaluate` and `refit` need no Ray (pandas splits, ONNX Runtime) and start none."""
 
 from __future__ import annotations
 
@@ -6,8 +9,19 @@ from pathlib import Path
 
 import typer
 
-from xray_ray.cli.app import CONFIG_OPTION, SET_OPTION, app, fail, read_config, read_index, synthetic_note
-from xray_ray.ray_runtime import use_address
+from xray_ray.cli.app import (
+    ADDRESS_OPTION,
+    CONFIG_OPTION,
+    SET_OPTION,
+    app,
+    fail,
+    read_config,
+    settings_options,
+    read_index,
+    synthetic_note,
+)
+from xray_ray.config_training import TuneConfig
+from xray_ray.ray_runtime import ray_session
 
 
 @app.command()
@@ -18,6 +32,7 @@ def train(
     overrides: list[str] = SET_OPTION,
     report_dir: Path = typer.Option(None, help="Report folder (default reports/train/<model name>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing model folder."),
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Train one model with LRA, export it with its model card, evaluate it on valid and test."""
     from xray_ray.training.network import WeightsUnavailableError
@@ -26,7 +41,8 @@ def train(
     config = read_config(config_file, overrides)
     frame = read_index(index_path)
     try:
-        card = train_and_export(frame, config, out, report_dir or Path("reports/train") / out.name, overwrite)
+        with ray_session(address):  # Ray Data splits and undersamples the index
+            card = train_and_export(frame, config, out, report_dir or Path("reports/train") / out.name, overwrite)
     except (FileExistsError, WeightsUnavailableError, ValueError) as err:
         raise fail(str(err))
     test = card["metrics"]["test"]
@@ -79,46 +95,42 @@ def refit(
 
 
 @app.command("tune")
+@settings_options(TuneConfig, only=("name", "storage_path"))
 def tune(
-    config_file: Path = typer.Option(None, "--config", help="YAML config file (sections data, model, lra, train, tune); "
-                                     "e.g. configs/tune_demo.yaml."),
-    overrides: list[str] = typer.Option(None, "--set", help="Override a setting, e.g. --set tune.num_samples=8 or "
-                                        "--set model.backbone=compact (repeatable)."),
+    given: dict,
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
     index_path: Path = typer.Option(None, "--index", help="index.parquet written by `xray-ray index` (an absolute "
                                     "path under `ray job submit`). On --resume, defaults to the experiment's index."),
     data_dir: Path = typer.Option(None, "--data", help="Dataset folder to index first, instead of --index; the index "
                                   "is saved as <report dir>/index.parquet."),
-    name: str = typer.Option(None, "--name", help="Experiment name (default tune.name): its folder under the "
-                         "storage path, reports/tune/NAME and models/NAME."),
-    storage_path: str = typer.Option(None, "--storage-path", help="Where Tune keeps trials and checkpoints (default "
-                                     "tune.storage_path): a local folder, a path shared by all nodes, or s3://bucket/prefix."),
     out: Path = typer.Option(None, "--out", help="Model folder for the best trial (default models/NAME)."),
     report_dir: Path = typer.Option(None, "--report-dir", help="Report folder (default reports/tune/NAME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted experiment NAME with its saved "
                                 "settings: finished trials are kept, unfinished ones restart from their last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder and report."),
-    address: str = typer.Option(None, "--address", help="Ray cluster to run on (default RAY_ADDRESS, which `ray job "
-                                "submit` sets; otherwise a local Ray is started)."),
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Tune hyperparameters with Ray Tune + Optuna, then export and evaluate the best trial's model.
 
     Relative output paths resolve under $XRAY_RAY_HOME, else the working folder (~/xray-ray when run by `ray job submit`, whose working folder is temporary).
     """
     from xray_ray.training.network import WeightsUnavailableError
-    use_address(address)  # before the tuning modules import Ray
     from xray_ray.tuning import experiment as tuning
     from xray_ray.tuning.storage import plan
 
     try:
-        config, settings = tuning.load_experiment_config(config_file, overrides, check_weights=not resume)
-        experiment = plan(settings, name, storage_path, out, report_dir)
+        flags = {f"tune.{name}": value for name, value in given.items()}
+        config, settings = tuning.load_experiment_config(config_file, overrides, flags, check_weights=not resume)
+        experiment = plan(settings, out=out, report_dir=report_dir)
         saved = tuning.check_can_start(experiment, resume, overwrite)
         if saved is not None and (config_file or overrides):
             typer.echo("note: --resume continues with the settings saved with the experiment; --config and --set "
                        "only served to find it (tune.name, tune.storage_path)")
-        frame, index_path = tuning.resolve_index(experiment, saved, index_path, data_dir)
-        summary = tuning.run_experiment(frame, config, settings, experiment, resume=resume, overwrite=overwrite,
-                                        index_path=str(Path(index_path).resolve()))
+        with ray_session(address):
+            frame, index_path = tuning.resolve_index(experiment, saved, index_path, data_dir)
+            summary = tuning.run_experiment(frame, config, settings, experiment, resume=resume, overwrite=overwrite,
+                                            index_path=str(Path(index_path).resolve()))
     except (FileExistsError, FileNotFoundError, WeightsUnavailableError, ValueError) as err:
         raise fail(str(err))
     except RuntimeError as err:

@@ -19,7 +19,7 @@ from xray_ray.config import CLASS_NAMES, canonical_label
 from xray_ray.files import atomic_path, sha256_hex
 from xray_ray.images.decode import ImageDecodeError, decode, read_bytes
 from xray_ray.images.synth import SYNTHETIC_MARKER
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import require_ray
 
 INDEX_COLUMNS = ["path", "label", "bytes", "sha256", "width", "height", "readable", "error"]
 IGNORED_FOLDERS = {"masks"}
@@ -77,12 +77,13 @@ def _describe_batch(batch: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([batch, described], axis=1)
 
 
-def build_index(root: str | Path) -> tuple[pd.DataFrame, Discovery]:
-    """Index every file under `root` on Ray Data; rows are sorted by path."""
+def build_index(root: str | Path, found: Discovery | None = None) -> tuple[pd.DataFrame, Discovery]:
+    """Index every file under `root` (`found`: what `discover(root)` listed already) on Ray Data, inside
+    the caller's Ray session; rows are sorted by path."""
+    found = found or discover(root)
+    require_ray("indexing")
     import ray  # heavy: only the commands that index pay for it
 
-    found = discover(root)
-    ensure_ray()
     items = [{"path": path, "label": label} for path, label in found.files]
     blocks = int(np.clip(len(items) // 200, 4, 200))  # big blocks: per-task overhead dominates small ones
     ds = ray.data.from_items(items, override_num_blocks=blocks)

@@ -38,11 +38,12 @@ from pathlib import Path
 import pandas as pd
 
 from xray_ray.files import atomic_path, atomic_write_text
-from xray_ray.ray_runtime import ensure_ray, metrics_url
+from xray_ray.config_services import ScoreConfig
+from xray_ray.ray_runtime import metrics_url, require_ray
 from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
 from xray_ray.scoring.metrics import LiveRunMetrics, write_textfiles
-from xray_ray.scoring.options import ModelInfo, ScoreError, ScoreOptions, model_info
+from xray_ray.scoring.preflight import ModelInfo, RunInputs, ScoreError, check_run, model_info
 from xray_ray.scoring.pipeline import (
     PREDICTION_COLUMNS,
     ActorScorer,
@@ -146,7 +147,7 @@ def read_predictions(folder: str | Path) -> pd.DataFrame:
     return frame.drop_duplicates(subset="path", keep="last").reset_index(drop=True)
 
 
-def plan(options: ScoreOptions) -> PoolPlan:
+def plan(options: ScoreConfig) -> PoolPlan:
     """The actor pool for this run on the connected cluster; ScoreError(2) for one that could never progress."""
     cpus, gpus = cluster_totals()
     try:
@@ -157,7 +158,7 @@ def plan(options: ScoreOptions) -> PoolPlan:
         raise ScoreError(f"this scoring pool cannot make progress: {err}", 2) from None
 
 
-def _scorer(options: ScoreOptions) -> tuple[type, dict]:
+def _scorer(options: ScoreConfig) -> tuple[type, dict]:
     """The scorer class and its constructor arguments."""
     if options.backend == "serve":
         return ServeScorer, {}
@@ -165,7 +166,7 @@ def _scorer(options: ScoreOptions) -> tuple[type, dict]:
     return ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads}
 
 
-def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
+def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
                  out: Path, times: StageTimes, live: LiveRunMetrics) -> int:
     """Run the pipeline over the file list, committing parts as rows arrive; returns rows written."""
     import ray  # heavy: imported where the pipeline is built
@@ -202,25 +203,15 @@ def _score_files(options: ScoreOptions, pool: PoolPlan, files: Path, info: Model
         return written + _write_part(folder, out, pending)
 
 
-def score(options: ScoreOptions) -> dict:
-    """Run (or complete) one scoring run and write its report; returns the report's summary."""
-    options.check()
-    try:
-        roots = [archive.check_root(root) for root in options.archives]
-    except archive.ArchiveError as err:
-        raise ScoreError(str(err), 4) from None
-    try:
-        truth = archive.read_labels(options.labels) if options.labels else None
-    except (OSError, ValueError) as err:
-        raise ScoreError(f"cannot read --labels: {err}", 2) from None
+def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
+    """Run (or complete) one scoring run inside the caller's Ray session and write its report; returns the
+    report's summary. `checked`: `preflight.check_run`'s findings when the caller checked before Ray started."""
+    checked = checked or check_run(options)
+    require_ray("scoring")
+    roots, truth = checked.roots, checked.truth
     out = Path(options.out).resolve()
     times = StageTimes()
-    # A model folder is checked before Ray starts, so a refused one costs nothing; the Serve
-    # backend's model can only be asked through Ray.
-    info = None if options.backend == "serve" else model_info(options)
-    with times.measure("ray_s"):
-        ensure_ray()
-    info = info or model_info(options)
+    info = checked.info or model_info(options)  # the Serve backend's model is asked through Ray
     pool = plan(options)
     log.info("scoring pool: %s", pool.describe())
     with _locked(out):

@@ -8,7 +8,7 @@ version, the engine and the image's sha256, never a file name or a DICOM patient
 Bad input is the client's problem and gets a 4xx with a JSON error code and reason
 (`ApiError`), whatever exception it caused; in /predict/batch each file gets its own
 answer; the replica keeps serving. Memory is bounded per replica
-(`ServeSettings.memory_budget_mb`): bodies are read with a size cap and share a byte
+(`settings.memory_budget_mb`): bodies are read with a size cap and share a byte
 budget, and a semaphore lets only as many images decode at once as the replica has CPUs.
 No endpoint takes a server-side path. A bearer token (an environment variable or a file)
 guards every endpoint but /healthz when it is set. Each replica records Prometheus metrics
@@ -24,42 +24,26 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
+from xray_ray.config_services import ServeConfig
 from xray_ray.files import sha256_hex
+from xray_ray.loopback import bind_serve_replicas_to_loopback
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.processes import process_footprint, sigterm_as_interrupt, stop_signals_ignored
-from xray_ray.ray_runtime import LOOPBACK, ensure_ray, started_local_ray
+from xray_ray.processes import process_footprint, stop_signals_ignored
+from xray_ray.ray_runtime import require_ray, started_local_ray
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
 from xray_ray.serving.metrics import replica_metrics
-from xray_ray.serving.settings import ServeSettings, read_token
+from xray_ray.serving.settings import checked_model, decode_slots, memory_budget_mb, read_token
 
 log = logging.getLogger(__name__)
 
 
-def _bind_replica_grpc_to_loopback() -> None:
-    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to every interface ("[::]:0";
-    token-checked, but reachable from the network). On a Ray whose node is 127.0.0.1, which every Ray
-    this project starts is, the replica (which imports this module before it starts that server)
-    binds it to loopback instead; on a cluster it stays as Ray makes it."""
-    from ray.serve._private import replica  # the module whose binding is replaced
-
-    bind = replica.add_port_to_grpc_server
-
-    def bind_on_loopback_node(server, address: str) -> int:
-        if address.startswith("[::]:") and ray.is_initialized() and ray.util.get_node_ip_address() == LOOPBACK:
-            address = f"{LOOPBACK}:{address.rsplit(':', 1)[1]}"
-        return bind(server, address)
-
-    replica.add_port_to_grpc_server = bind_on_loopback_node
-
-
-_bind_replica_grpc_to_loopback()
+bind_serve_replicas_to_loopback()  # a replica imports this module before it starts its gRPC server
 
 
 # No interactive docs: they would be endpoints outside the token's guard (the README lists the API).
@@ -94,13 +78,13 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 class XrayClassifier:
     """One replica: the model loaded once, HTTP routes, and batched inference behind them."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeConfig) -> None:
         self.settings = settings
         self.classifier = Classifier(settings.model, engine=settings.engine)
         self.token = read_token(settings.token_file)
         self.limit = int(settings.max_body_mb * 2**20)
         self.bodies = BodyBudget(int(settings.max_inflight_mb * 2**20))
-        self.decoding = asyncio.Semaphore(settings.decode_slots)
+        self.decoding = asyncio.Semaphore(decode_slots(settings))
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
@@ -108,8 +92,8 @@ class XrayClassifier:
         self.metrics = replica_metrics(serve.get_replica_context().app_name, self.classifier.version,
                                        self.classifier.engine)
         log.info("serving %s on %s; batches up to %d; %d image(s) decoded at once; memory budget %.0f MB; token %s",
-                 self.classifier.version, self.classifier.engine, settings.max_batch_size, settings.decode_slots,
-                 settings.memory_budget_mb(), "required" if self.token else "off")
+                 self.classifier.version, self.classifier.engine, settings.max_batch_size, decode_slots(settings),
+                 memory_budget_mb(settings), "required" if self.token else "off")
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -186,7 +170,8 @@ class XrayClassifier:
         """The model's public card (version, classes, metrics, settings; no paths), the engine, how this replica serves."""
         self._authorize(request)
         serving = {key: value for key, value in asdict(self.settings).items() if key not in ("token_file", "model")}
-        serving.update(decode_slots=self.settings.decode_slots, memory_budget_mb=self.settings.memory_budget_mb())
+        serving.update(max_ongoing_requests=self.settings.ongoing_requests, decode_slots=decode_slots(self.settings),
+                       memory_budget_mb=memory_budget_mb(self.settings))
         return {"card": self.classifier.card.public(), "runtime": {**self.classifier.describe(), **process_footprint()},
                 "serving": serving}
 
@@ -213,50 +198,49 @@ class XrayClassifier:
                 "model_version": predictions.model_version, "engine": predictions.engine}
 
 
-def build_app(settings: ServeSettings):
-    """The Serve application for `settings`, with replicas, CPUs, GPUs and concurrency applied."""
+def build_app(settings: ServeConfig):
+    """The Serve application for `settings` (checked: `settings.checked_model`), with replicas, CPUs, GPUs and
+    concurrency applied."""
     return XrayClassifier.options(
         num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
+        max_ongoing_requests=settings.ongoing_requests,
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(settings)
 
 
 def app_builder(args: dict):
-    """Entry point for `serve run` / `serve deploy` of a Serve config: `args` are ServeSettings fields."""
-    return build_app(ServeSettings(**args))
+    """Entry point for `serve run` / `serve deploy` of a Serve config: `args` are `serve:` settings."""
+    return build_app(checked_model(ServeConfig(**args)))
 
 
-def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = SERVE_APP_NAME,
-          route_prefix: str = "/"):
-    """Start Serve's HTTP proxy on host:port (loopback unless told otherwise) and deploy the app.
+def start(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str = "/"):
+    """Start Serve's HTTP proxy on the settings' host and port and deploy the app, inside the caller's Ray session.
 
     Returns the app's deployment handle once its replicas are up. A Serve instance already
     running keeps its own host and port.
     """
-    ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(settings), name=name, route_prefix=route_prefix)
+    require_ray("serving")
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    return serve.run(build_app(checked_model(settings)), name=name, route_prefix=route_prefix)
 
 
-def serve_until_stopped(settings: ServeSettings, host: str, port: int, started: Callable[[], None]) -> None:
-    """`xray-ray serve`: deploy, call `started`, then serve until Ctrl-C or SIGTERM.
+def serve_until_stopped(settings: ServeConfig, started: Callable[[], None]) -> None:
+    """`xray-ray serve`, inside its Ray session: deploy, call `started`, then serve until Ctrl-C or SIGTERM
+    (which the session turns into KeyboardInterrupt).
 
-    On the way out a Ray started here is shut down with everything in it (Serve's controller,
-    proxy and replicas: asking a controller that may already have received the same signal to
-    delete the app first could wait forever); on a cluster the app is deleted and the cluster
-    keeps running.
+    On the way out a Ray the session started goes with everything in it when the session ends
+    (Serve's controller, proxy and replicas: asking a controller that may already have received
+    the same signal to delete the app first could wait forever); on a cluster the app is
+    deleted here and the cluster keeps running.
     """
-    with sigterm_as_interrupt():
-        try:
-            start(settings, host=host, port=port)
-            started()
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log.info("stopping")
-        finally:
+    try:
+        start(settings)
+        started()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        if not started_local_ray():
             with stop_signals_ignored():
-                if ray.is_initialized() and not started_local_ray():
-                    serve.delete(SERVE_APP_NAME)
-                ray.shutdown()
+                serve.delete(SERVE_APP_NAME)

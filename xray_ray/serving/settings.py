@@ -1,19 +1,21 @@
-"""How the Serve application serves: `ServeSettings` (the Serve config's `args`), its memory budget,
-the bearer token, and the refusal to expose an unguarded endpoint.
+"""What Serve checks and derives from its `serve:` settings (`config_services.ServeConfig`, also a Serve
+config's `args`): the model folder before any replica starts, a replica's memory budget, the bearer
+token, and the refusal to expose an unguarded endpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from xray_ray.config_services import ServeConfig
 from xray_ray.images.bounds import LIMITS
+from xray_ray.loopback import is_loopback_host
 from xray_ray.model_folder.card import ModelCard
 from xray_ray.model_folder.classifier import load_detector
-from xray_ray.ray_runtime import is_loopback_host
 
 TOKEN_ENV = "XRAY_RAY_SERVE_TOKEN"
 """Environment variable holding the bearer token (a token file is the safer choice)."""
@@ -32,54 +34,34 @@ DECODE_BYTES_PER_PIXEL = 16
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServeSettings:
-    """How the application serves; the Serve config YAML's `args` are these fields."""
+def checked_model(settings: ServeConfig) -> ServeConfig:
+    """`settings` with the model folder and token file as absolute paths (replicas may run elsewhere), once
+    the model's card and out-of-distribution detector are read and its version is the expected one.
 
-    model: str
-    engine: str = "auto"
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.02
-    max_ongoing_requests: int | None = None  # None: twice max_batch_size, so batches can fill
-    num_replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_body_mb: float = 64.0
-    max_inflight_mb: float = 256.0  # request bodies one replica holds at once; 503 beyond
-    max_batch_files: int = 32
-    token_file: str | None = None
-    expect_version: str | None = None
+    ValueError when there is no model, or it cannot be used; checked once, before any replica starts."""
+    if not settings.model:
+        raise ValueError("give the model folder to serve (--model, serve.model)")
+    try:
+        card = ModelCard.read(settings.model)
+        load_detector(card)
+    except OSError as err:
+        raise ValueError(str(err)) from None
+    if settings.expect_version is not None and card.version != settings.expect_version:
+        raise ValueError(f"{settings.model} holds model {card.version}, not the expected {settings.expect_version}")
+    token_file = str(Path(settings.token_file).resolve()) if settings.token_file else None
+    return dataclasses.replace(settings, model=str(Path(settings.model).resolve()), token_file=token_file)
 
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_files < 1 or self.num_replicas < 1:
-            raise ValueError("max_batch_size, max_batch_files and num_replicas must be at least 1")
-        if self.max_ongoing_requests is None:
-            self.max_ongoing_requests = 2 * self.max_batch_size
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size "
-                             f"({self.max_batch_size}) would keep every batch from filling")
-        if self.max_inflight_mb < self.max_body_mb:
-            raise ValueError(f"max_inflight_mb ({self.max_inflight_mb}) below max_body_mb ({self.max_body_mb}) "
-                             "would refuse the largest accepted body")
-        try:
-            card = ModelCard.read(self.model)  # the card and its detector checked once, before any replica starts
-            load_detector(card)
-        except OSError as err:
-            raise ValueError(str(err)) from None
-        version = card.version
-        if self.expect_version is not None and version != self.expect_version:
-            raise ValueError(f"{self.model} holds model {version}, not the expected {self.expect_version}")
 
-    @property
-    def decode_slots(self) -> int:
-        """Images one replica decodes at once: its whole CPUs, at least one."""
-        return max(1, math.floor(self.num_cpus))
+def decode_slots(settings: ServeConfig) -> int:
+    """Images one replica decodes at once: its whole CPUs, at least one."""
+    return max(1, math.floor(settings.num_cpus))
 
-    def memory_budget_mb(self) -> float:
-        """The most resident memory one replica may reach, whatever the uploads: the runtime, the bodies it
-        may hold, and the images it may decode at once at the pixel cap."""
-        decode_mb = LIMITS.max_pixels * DECODE_BYTES_PER_PIXEL / 2**20
-        return RUNTIME_MB + BODY_COPIES * self.max_inflight_mb + self.decode_slots * decode_mb
+
+def memory_budget_mb(settings: ServeConfig) -> float:
+    """The most resident memory one replica may reach, whatever the uploads: the runtime, the bodies it
+    may hold, and the images it may decode at once at the pixel cap."""
+    decode_mb = LIMITS.max_pixels * DECODE_BYTES_PER_PIXEL / 2**20
+    return RUNTIME_MB + BODY_COPIES * settings.max_inflight_mb + decode_slots(settings) * decode_mb
 
 
 def read_token(token_file: str | None) -> str | None:

@@ -18,6 +18,7 @@ import pandas as pd
 from xray_ray.config import CLASS_NAMES
 from xray_ray.images.decode import ImageDecodeError, read_image
 from xray_ray.images.preprocess import preprocess
+from xray_ray.ray_runtime import require_ray
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -174,6 +175,7 @@ def prepare(frame: pd.DataFrame, fractions, seed: int, balance: str):
     `balance`: `undersample` cuts the training classes to the smallest (on Ray Data);
     `class_weights` and `none` keep every training row.
     """
+    require_ray("preparing training data")
     import ray
 
     split = split_index(frame, fractions, seed)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xray_ray.config import CLASS_NAMES, ModelConfig
+from xray_ray.config import CLASS_NAMES
+from xray_ray.config_training import ModelConfig
 
 EFFICIENTNET_WEIGHTS_FILE = "efficientnetb1_notop.h5"
 EFFICIENTNET_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/" + EFFICIENTNET_WEIGHTS_FILE

@@ -28,18 +28,10 @@ from typing import Callable
 import pandas as pd
 from ray import tune
 
-from xray_ray.config import (
-    AUTO,
-    SEARCHED,
-    Config,
-    TuneConfig,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    with_overrides,
-)
+from xray_ray.config import Config, config_from_dict, config_to_dict, load_config, with_overrides
+from xray_ray.config_training import AUTO, SEARCHED, TuneConfig
 from xray_ray.images.index import build_index, fingerprint, load_index, save_index
-from xray_ray.ray_runtime import ensure_ray
+from xray_ray.ray_runtime import require_ray
 from xray_ray.reports.figures import plot_curves
 from xray_ray.reports.tables import write_csv, write_json
 from xray_ray.training.network import resolve_weights
@@ -59,16 +51,17 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "xray_experiment.json"  # in the experiment folder: what --resume needs besides Tune's own state
 
 
-def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None,
+def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None, values: dict | None = None,
                            check_weights: bool = True) -> tuple[Config, TuneConfig]:
-    """Defaults, the YAML file, then `--set` overrides: the training config and its `tune:` section.
+    """Defaults, the YAML file, `--set` overrides, then `values` (the command's flags, dotted keys): the
+    training config and its `tune:` section.
 
     Pretrained weights are looked up here, before any work: a missing weights file fails in
     seconds with the file and folder to fill (network.WeightsUnavailableError), not after the
     data is prepared and every trial has failed. A resumed experiment uses its saved config
     instead, checked by `run_experiment` (`check_weights=False` here).
     """
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, values)
     if check_weights:
         resolve_weights(config.model)
     return config, config.tune
@@ -98,7 +91,7 @@ def gpus_per_trial(settings: TuneConfig) -> float:
     trial when the cluster has GPUs, else 0 (trials train on CPU), said in one log line."""
     if settings.gpus_per_trial != AUTO:
         return float(settings.gpus_per_trial)
-    import ray  # already started by ensure_ray
+    import ray  # connected by the caller's ray_session
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus:
@@ -162,7 +155,7 @@ def run_experiment(frame: pd.DataFrame, config: Config, settings: TuneConfig, ex
     `trainable` replaces `run_trial` (same signature), for tests and benchmarks that
     instrument trials; `callbacks` are extra Tune callbacks.
     """
-    ensure_ray()
+    require_ray("a tuning experiment")
     saved = check_can_start(experiment, resume, overwrite)
     digest = fingerprint(frame)
     if saved is not None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from xray_ray.config import SEARCHED, Config, TuneConfig
+from xray_ray.config import Config
+from xray_ray.config_training import SEARCHED, TuneConfig
 from xray_ray.images.synth import SYNTHETIC_NOTE
 from xray_ray.reports.html import Image, KeyValues, Links, Metrics, Section, Table, Text, write_html
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from xray_ray.config import INTEGER, LOG_SCALE, SEARCHED, TuneConfig
+from xray_ray.config_training import INTEGER, LOG_SCALE, SEARCHED, TuneConfig
 
 
 def epochs_of(result, score: str) -> pd.DataFrame:

@@ -14,14 +14,8 @@ from typing import Any
 
 from ray import tune
 
-from xray_ray.config import (
-    INTEGER,
-    LOG_SCALE,
-    SEARCHED,
-    Config,
-    TuneConfig,
-    flat_config,
-)
+from xray_ray.config import Config, flat_config
+from xray_ray.config_training import INTEGER, LOG_SCALE, SEARCHED, TuneConfig
 from xray_ray.training.run import tune_trainable
 from xray_ray.tuning.storage import Experiment
 

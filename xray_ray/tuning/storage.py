@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from xray_ray.config import TuneConfig
+from xray_ray.config_training import TuneConfig
 from xray_ray.files import atomic_write_text
 
 

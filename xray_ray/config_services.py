@@ -1,0 +1,157 @@
+"""The services' config sections: `score:` (one nightly scoring run) and `serve:` (the Ray Serve application).
+
+Each field is the one definition of a setting: `xray-ray score` and `xray-ray serve` build
+their options from these fields, a YAML file (`--config`) and `--set score.batch_size=16`
+fill the same fields, and a Serve config's `args` (configs/serve.yaml, KubeRay's
+serveConfigV2) are `serve:` fields. Checks here need no files; the model folder itself is
+checked by the job that uses it, before it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from xray_ray.config_field import setting
+
+ENGINES = ("auto", "onnxruntime", "keras")
+BACKENDS = ("actors", "serve")
+
+
+def _problems_of_counts(section: str, values: dict[str, float], at_least: float) -> list[str]:
+    return [f"{section}.{name} must be at least {at_least:g}, got {value}" for name, value in values.items()
+            if value is not None and value < at_least]
+
+
+@dataclass
+class ScoreConfig:
+    """The `score:` section: what one scoring run reads, with which model, how big its pool is, what it writes."""
+
+    # What is read
+    archives: list = setting(list, "Archive folder to score, any depth and layout (repeatable). PNG, JPEG, TIFF, "
+                                   "BMP, .dcm, and DICOM files without extension.")
+    labels: str | None = setting(None, "CSV with columns path (or file_path, relative to the CSV) and label: the "
+                                       "true classes, for accuracy. Class folders are used otherwise.")
+    follow_symlinks: bool = setting(False, "Read files and folders that symlinks lead to outside the archive "
+                                           "folders (default: outside_archive error rows).")
+
+    # What answers
+    model: str | None = setting(None, "Exported model folder, e.g. models/NAME (required with the actors backend).")
+    backend: str = setting("actors", "actors: the job's own Classifier actors; serve: the running Serve "
+                                     "application's replicas.")
+    engine: str = setting("auto", "auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras (actors "
+                                  "backend).")
+    expect_version: str | None = setting(None, "Refuse (exit 3) a model whose card names another version.")
+
+    # Where the answers go
+    out: str | None = setting(None, "Output folder: one dated run folder per night, plus the ledger.")
+    run: str | None = setting(None, "Run folder name (default: today's date).")
+    commit_rows: int = setting(1000, "Rows per committed predictions part.")
+
+    # The pool on the cluster
+    actors: int = setting(0, "Scoring actors (each holds one copy of the model); 0: from 1 up to what fits the "
+                             "cluster, leaving room for reading.")
+    threads: int = setting(0, "ONNX Runtime threads per actor; 0: the CPUs Ray gave the actor.")
+    cpus_per_actor: float = setting(0.0, "CPUs Ray reserves per actor; 0: chosen from the cluster.")
+    gpus_per_actor: float | None = setting(None, "GPUs per actor (fractions share a GPU); unset: 1 where the "
+                                                 "cluster has GPUs, else 0.")
+    read_cpus: float = setting(0.5, "CPUs Ray reserves per read/decode task: a fraction, so actors never starve "
+                                    "reading.")
+    batch_size: int = setting(32, "Images per model call.")
+    files_per_task: int = setting(256, "Files per read task: the unit in which results arrive and are committed.")
+    object_store_mb: int = setting(256, "Object-store budget (MB) for decoded images waiting for the model; keeps "
+                                        "memory flat in archive size.")
+
+    # The report
+    review_threshold: float = setting(0.6, "Answers less confident than this are listed for review.")
+    top_n: int = setting(10, "Most confident images listed per class.")
+    explain: int = setting(24, "Images to review shown with a Grad-CAM heat map in the report, at most (needs a "
+                               "model folder; 0: none).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.archives, str):
+            self.archives = [self.archives]
+        self.archives = [str(path) for path in self.archives]
+        problems = _problems_of_counts("score", {name: getattr(self, name) for name in (
+            "batch_size", "top_n", "commit_rows", "files_per_task", "object_store_mb")}, 1)
+        problems += _problems_of_counts("score", {name: getattr(self, name) for name in (
+            "actors", "threads", "cpus_per_actor", "gpus_per_actor", "explain")}, 0)
+        if self.backend not in BACKENDS:
+            problems.append(f"score.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.engine not in ENGINES:
+            problems.append(f"score.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.read_cpus <= 0:
+            problems.append(f"score.read_cpus must be above 0, got {self.read_cpus}")
+        if not 0 <= self.review_threshold <= 1:
+            problems.append(f"score.review_threshold must be between 0 and 1, not {self.review_threshold}")
+        if self.run is not None and (not self.run or self.run.startswith(".") or os.sep in self.run):
+            problems.append(f"score.run must be a plain folder name, not {self.run!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def missing(self) -> list[str]:
+        """What a run needs that this section does not name yet (its archives, output folder, model)."""
+        needs = []
+        if not self.archives:
+            needs.append("give at least one archive (--archive, score.archives)")
+        if not self.out:
+            needs.append("give the output folder (--out, score.out)")
+        if self.backend == "actors" and not self.model:
+            needs.append("a model folder (--model, score.model) is required with the actors backend")
+        return needs
+
+
+@dataclass
+class ServeConfig:
+    """The `serve:` section: where the endpoint listens, which model, and how each replica batches and bounds work."""
+
+    # The endpoint
+    host: str = setting("127.0.0.1", "Interface to listen on; anything but loopback exposes the endpoint to the "
+                                     "network and needs a token (--token-file), and a firewall.")
+    port: int = setting(8000, "HTTP port.")
+    token_file: str | None = setting(None, "File holding a bearer token required on every endpoint but /healthz "
+                                           "(or set $XRAY_RAY_SERVE_TOKEN where the replicas run).")
+    insecure_no_token: bool = setting(False, "Serve on a non-loopback host without a token (refused otherwise).")
+
+    # The model
+    model: str | None = setting(None, "Exported model folder (model.keras, model.onnx, model_card.json).")
+    engine: str = setting("auto", "auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras.")
+    expect_version: str | None = setting(None, "Refuse to serve unless the model card names this version.")
+
+    # The replicas
+    num_replicas: int = setting(1, "Replicas, each with its own copy of the model.")
+    num_cpus: float = setting(1.0, "CPUs per replica (ONNX Runtime uses that many threads).")
+    num_gpus: float = setting(0.0, "GPUs per replica.")
+
+    # Batching
+    max_batch_size: int = setting(16, "Largest dynamic batch.")
+    batch_wait_timeout_s: float = setting(0.02, "How long a batch waits to fill, in seconds.")
+    max_ongoing_requests: int | None = setting(None, "Requests one replica takes at once; unset: twice "
+                                                     "max_batch_size, so batches can fill.")
+
+    # Bounds on what a replica holds
+    max_body_mb: float = setting(64.0, "Largest request body accepted, in MB (413 beyond).")
+    max_inflight_mb: float = setting(256.0, "Request bodies one replica holds at once, in MB (429 beyond): with "
+                                            "the pixel cap, this bounds a replica's memory.")
+    max_batch_files: int = setting(32, "Most files in one /predict/batch request.")
+
+    def __post_init__(self) -> None:
+        problems = _problems_of_counts("serve", {name: getattr(self, name) for name in (
+            "max_batch_size", "max_batch_files", "num_replicas", "port")}, 1)
+        problems += _problems_of_counts("serve", {name: getattr(self, name) for name in (
+            "batch_wait_timeout_s", "num_cpus", "num_gpus")}, 0)
+        if self.engine not in ENGINES:
+            problems.append(f"serve.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            problems.append(f"serve.max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size "
+                            f"({self.max_batch_size}) would keep every batch from filling")
+        if self.max_body_mb <= 0 or self.max_inflight_mb < self.max_body_mb:
+            problems.append(f"serve.max_inflight_mb ({self.max_inflight_mb}) below max_body_mb ({self.max_body_mb}) "
+                            "would refuse the largest accepted body (and max_body_mb must be above 0)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def ongoing_requests(self) -> int:
+        """Requests one replica takes at once: `max_ongoing_requests`, else twice `max_batch_size`."""
+        return self.max_ongoing_requests or 2 * self.max_batch_size
