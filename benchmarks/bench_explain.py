@@ -45,7 +45,7 @@ import numpy as np
 from common import ROOT, print_table, save
 
 from tests.helpers import phantom_batch, pointing_game, train_and_export
-from xray_ray.images.overlay import display_square, overlay, png
+from xray_ray.images.overlay import display_square, heat_map_png
 from xray_ray.images.synth import SYNTHETIC_NOTE, phantom
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.gradcam import explain
@@ -62,7 +62,7 @@ def cost_round(classifier: Classifier, x: np.ndarray, batch: int) -> dict:
     square = display_square(phantom("Normal", 299, np.random.default_rng(5)))  # the 256 px base /explain draws on
     times = {"predict": [], "explain": [], "explain_png": []}
     work = {"predict": lambda part: classifier.predict_arrays(part), "explain": lambda part: explain(classifier, part),
-            "explain_png": lambda part: [png(overlay(square, h)) for h in explain(classifier, part).heatmaps]}
+            "explain_png": lambda part: [heat_map_png(square, h) for h in explain(classifier, part).heatmaps]}
     for start in range(0, len(x) - batch + 1, batch):
         for key, run in work.items():
             times[key].append(_timed(run, x[start:start + batch]) / batch)

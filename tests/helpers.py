@@ -47,7 +47,8 @@ def train_and_export(folder: Path, size: int, backbone: str = "efficientnetb1", 
     """A model from scratch, briefly trained on phantoms (so its answers vary), BatchNorm statistics
     refreshed, exported with `model.onnx`: the quickest real model folder. `config_file` gives the
     other settings (e.g. configs/compact_cpu.yaml, whose head penalties let the compact CNN learn)."""
-    from xray_ray.model_folder.export import build_card, export_model
+    from xray_ray.model_folder.card import build_card
+    from xray_ray.model_folder.export import export_model
     from xray_ray.training.network import build_model, refresh_batchnorm
 
     config = load_config(config_file, [f"data.image_size={size}", f"model.backbone={backbone}", "model.weights=none",

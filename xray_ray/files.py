@@ -1,8 +1,9 @@
 """Small file helpers every job shares: atomic, durable writes and content hashes.
 
-Outputs are written to a temporary file in the destination folder, flushed to disk,
-renamed into place and the folder flushed too, so a reader, a re-run after a crash or a
-power loss never sees a half-written file. Files get the permissions the process's
+Outputs are written to a temporary file (`atomic_path`) or a temporary folder
+(`atomic_folder`, for files that belong together) beside the destination, flushed to disk,
+renamed into place and the parent folder flushed too, so a reader, a re-run after a crash
+or a power loss never sees a half-written output. Files get the permissions the process's
 umask allows (outputs name patient image paths: the operator decides who may read them).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +49,16 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def _settle(path: str | Path) -> None:
+    """Give a finished output file the umask's permissions and flush its content to disk.
+
+    Shared by `atomic_path` and `atomic_folder`: mkstemp makes files private, so they are
+    opened up as far as the umask allows, like open() would, before they are published.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
+    fsync_file(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; if the block succeeds it is made durable and renamed onto `path`."""
@@ -56,13 +68,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; follow the umask like open() does
-        fsync_file(tmp)
+        _settle(tmp)
         os.replace(tmp, target)
         fsync_folder(target.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; if the block succeeds it replaces `path` as one unit.
+
+    For outputs made of several files that are only valid together (an exported model: its
+    weights and the card holding their digests): every file in the folder is settled
+    (umask permissions, fsync) and every folder flushed, then the folder is renamed onto
+    `path` and the parent flushed. An existing `path` is renamed aside first and removed
+    once the new folder is in place; whether it may be replaced is the caller's decision.
+    A failed block leaves `path` as it was and no temporary behind.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        for folder, _, names in os.walk(staging, topdown=False):
+            for name in names:
+                _settle(Path(folder) / name)
+            fsync_folder(folder)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it private; the output follows the umask
+        if target.exists():
+            retired = target.with_name(f".{target.name}.replaced")
+            shutil.rmtree(retired, ignore_errors=True)
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+        fsync_folder(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -109,23 +109,24 @@ def env(pod: dict) -> dict[str, str]:
 
 
 def readme_section(title: str) -> str:
-    """The text of the README section headed `title` (any level), up to the next heading (a `#` line
-    inside a code block is a shell comment, not a heading)."""
+    """The text of the section headed `title` (any level) in the README or a page of docs/, up to the next
+    heading (a `#` line inside a code block is a shell comment, not a heading)."""
     sections: dict[str, list[str]] = {}
-    current, in_code = None, False
-    for line in (REPO / "README.md").read_text().splitlines():
-        in_code ^= line.lstrip().startswith("```")
-        heading = None if in_code else re.match(r"#+ (.*)", line)
-        if heading:
-            current = sections.setdefault(heading.group(1).strip(), [])
-        elif current is not None:
-            current.append(line)
-    assert title in sections, f"README has no section {title!r}"
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        current, in_code = None, False
+        for line in page.read_text().splitlines():
+            in_code ^= line.lstrip().startswith("```")
+            heading = None if in_code else re.match(r"#+ (.*)", line)
+            if heading:
+                current = sections.setdefault(heading.group(1).strip(), [])
+            elif current is not None:
+                current.append(line)
+    assert title in sections, f"neither the README nor docs/ has a section {title!r}"
     return "\n".join(sections[title]) + "\n"
 
 
 def readme_command(title: str, script: str) -> str:
-    """The `python <script> ...` command in the code blocks of a README section, continuation lines
+    """The `python <script> ...` command in the code blocks of a README or docs/ section, continuation lines
     joined and a trailing output redirection dropped, whitespace normalised."""
     blocks = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", readme_section(title), flags=re.DOTALL))
     joined = re.sub(r"\\\n\s*", " ", blocks)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from xray_ray.images.overlay import MAX_DISPLAY, display_square, overlay, png
+from xray_ray.images.overlay import MAX_DISPLAY, display_square, heat_map_png, overlay, png
 from xray_ray.images.preprocess import preprocess
 
 
@@ -35,3 +35,12 @@ def test_png_round_trips():
     pixels = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
     with Image.open(io.BytesIO(png(pixels))) as image:
         assert image.format == "PNG" and np.array_equal(np.asarray(image), pixels)
+
+
+def test_heat_map_png_is_the_overlay_at_the_thumbnail_size():
+    square = display_square(np.full((300, 200), 90, np.uint8))
+    heat = np.zeros((8, 8), np.float32)
+    heat[4, 4] = 1.0
+    with Image.open(io.BytesIO(heat_map_png(square, heat))) as image:
+        assert image.format == "PNG" and image.size == (MAX_DISPLAY, MAX_DISPLAY) and image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), overlay(square, heat))

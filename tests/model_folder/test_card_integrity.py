@@ -31,3 +31,20 @@ def test_a_replaced_keras_file_is_refused_before_loading(folder, engine):
     (folder / "model.keras").write_bytes(b"someone else's model, maybe with a Lambda layer")
     with pytest.raises(EngineUnavailableError, match="model.keras is corrupt or was replaced"):
         ModelCard.read(folder).choose_engine(engine)
+
+
+def test_an_exported_card_records_its_files_and_is_read_back_as_written(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"keras weights")
+    (tmp_path / "head.npz").write_bytes(b"head weights")
+    onnx = {"usable": False, "sha256": sha256_hex(b"graph"), "warning": "model.onnx is NOT usable: parity"}
+    description = {"name": "small", "backbone": "compact", "warnings": ["an earlier warning"]}
+    card = ModelCard.exported(tmp_path, description, input_size=64, pooling="avg", onnx=onnx)
+    card.write()
+    saved = ModelCard.read(tmp_path)
+    assert saved.data == card.data and saved.image_size == 64 and saved.classes == list(CLASS_NAMES)
+    assert saved.version.startswith("small-") and saved.version.endswith(sha256_hex(b"keras weights")[:8])
+    assert saved["files"] == {"model.keras": {"sha256": sha256_hex(b"keras weights")},
+                              "head.npz": {"sha256": sha256_hex(b"head weights")},
+                              "model.onnx": {"sha256": sha256_hex(b"graph")}}
+    assert saved["warnings"] == ["an earlier warning", onnx["warning"]] and saved["metrics"] == {}
+    assert saved.choose_engine("auto")[0] == "keras"  # the ONNX section says unusable: the checked Keras file runs

@@ -15,7 +15,7 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_file
 from xray_ray.images import synth
 from xray_ray.scoring.explain import EXPLAIN_DIR, pick
-from xray_ray.scoring.options import ScoreOptions
+from xray_ray.config_services import ScoreConfig
 from xray_ray.scoring.run import score
 
 PATIENT = "DOE_JANE_1961-04-02"
@@ -35,7 +35,7 @@ def test_report_shows_capped_heat_maps_named_by_content_hash(compact_model, ray_
     synth.write_dataset(archive, per_class=4, size=96, seed=8)
     renamed = archive / "Lung_Opacity" / "images" / f"{PATIENT}.png"  # a patient's name in the file name
     shutil.move(archive / "Lung_Opacity" / "images" / "Lung_Opacity-1.png", renamed)
-    summary = score(ScoreOptions(archives=[str(archive)], model=str(compact_model[0]), out=str(tmp_path / "out"),
+    summary = score(ScoreConfig(archives=[str(archive)], model=str(compact_model[0]), out=str(tmp_path / "out"),
                                  run="night", explain=6, top_n=3))
     report = tmp_path / "out" / "night" / "report"
     files = sorted((report / EXPLAIN_DIR).iterdir())
@@ -54,7 +54,7 @@ def test_report_shows_capped_heat_maps_named_by_content_hash(compact_model, ray_
     groups = {why for why in review["why"]}
     assert len(groups) > 1 and json.loads((report / "summary.json").read_text())["explanations"]["limit"] == 6
 
-    again = score(ScoreOptions(archives=[str(archive)], model=str(compact_model[0]), out=str(tmp_path / "out2"),
+    again = score(ScoreConfig(archives=[str(archive)], model=str(compact_model[0]), out=str(tmp_path / "out2"),
                                run="night", explain=0))
     assert again["explanations"]["shown"] == 0 and not (tmp_path / "out2" / "night" / "report" / EXPLAIN_DIR).exists()
     assert set(CLASS_NAMES) >= set(review["predicted class"]) and np.isfinite(review["confidence"]).all()

@@ -16,6 +16,7 @@ from xray_ray.files import sha256_hex
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.gradcam import explain
 from xray_ray.processes import free_port
+from xray_ray.serving import explain as explaining
 from xray_ray.serving.explain import ExplainLimiter, _array
 from xray_ray.serving.http import ApiError
 
@@ -51,16 +52,35 @@ def test_array_is_the_grid_or_at_most_64_px():
     assert large["shape"] == [64, 64] and len(large["values"]) == 64
 
 
+def test_an_unusable_image_is_a_422_with_its_code_and_never_leaks_an_internal_message(monkeypatch):
+    class NoModel:  # a refusal comes before the model is asked
+        image_size = 64
+
+    with pytest.raises(ApiError) as refused:
+        explaining.explain_bytes(NoModel(), b"not an image at all" * 10, None, "overlay")
+    assert (refused.value.status, refused.value.error) == (422, "not_an_image")
+
+    def broken(gray, size):
+        raise KeyError("/srv/models/internal/path")
+
+    monkeypatch.setattr(explaining, "preprocess", broken)
+    image = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(image, format="PNG")
+    with pytest.raises(ApiError) as failed:
+        explaining.explain_bytes(NoModel(), image.getvalue(), None, "overlay")
+    assert (failed.value.status, failed.value.error) == (422, "internal_error:KeyError")
+    assert "/srv" not in failed.value.reason
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, compact_model):
     from ray import serve
 
+    from xray_ray.config_services import ServeConfig
     from xray_ray.serving import app as serving
-    from xray_ray.serving.settings import ServeSettings
 
     port = free_port()
-    serving.start(ServeSettings(model=str(compact_model[0]), num_cpus=0.5, max_body_mb=1.0), host="127.0.0.1",
-                  port=port)
+    serving.start(ServeConfig(model=str(compact_model[0]), num_cpus=0.5, max_body_mb=1.0, host="127.0.0.1", port=port))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 

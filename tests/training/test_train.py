@@ -243,6 +243,7 @@ def test_trainability_choices(trainable, frozen_first):
 def test_efficientnetb1_end_to_end_fit_export_reload(learn_index, tmp_path):
     """The origin's network through the same path: fit with LRA, BN refresh, export, reload, identical answers."""
     from xray_ray.model_folder import export
+    from xray_ray.model_folder.card import build_card
     from xray_ray.training.run import fit, prepare_training_data
 
     small = learn_index.groupby("label").head(12)
@@ -252,8 +253,8 @@ def test_efficientnetb1_end_to_end_fit_export_reload(learn_index, tmp_path):
     training = prepare_training_data(small, config)
     result = fit(training, config)
     assert len(result.epochs) == 2 and result.bn_refresh_batches == 2
-    card = export.build_card("effb1", config, training={"epochs_run": 2}, index_fingerprint="x",
-                             split_counts={}, synthetic=True)
+    card = build_card("effb1", config, training={"epochs_run": 2}, index_fingerprint="x", split_counts={},
+                      synthetic=True)
     export.export_model(result.model, tmp_path / "effb1", card)
     images = np.stack([np.asarray(i, np.float32) for i in training.valid.to_pandas()["image"]])
     expected = np.asarray(result.model.predict_on_batch(images))

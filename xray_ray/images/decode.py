@@ -22,8 +22,8 @@ from PIL import ExifTags, Image
 from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
 from xray_ray.images.dicom import decode_dicom, printable, to_uint8
 
-__all__ = ["LIMITS", "SUPPORTED_EXTENSIONS", "DecodeLimits", "ImageDecodeError", "decode", "looks_like_dicom",
-           "read_bytes", "read_image"]
+__all__ = ["LIMITS", "SUPPORTED_EXTENSIONS", "DecodeLimits", "ImageDecodeError", "decode", "describe_failure",
+           "looks_like_dicom", "read_bytes", "read_image"]
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
@@ -85,16 +85,32 @@ def _decode_pillow(data: bytes, limits: DecodeLimits) -> np.ndarray:
     return gray
 
 
-def _describe(exc: Exception) -> ImageDecodeError:
-    """An ImageDecodeError for an unexpected decoder exception."""
-    message = printable(" ".join(str(exc).split()), 160)
-    if isinstance(exc, EOFError) or "truncat" in message.lower():
-        return ImageDecodeError("truncated image", "truncated")
-    if isinstance(exc, MemoryError):
-        return ImageDecodeError("out of memory while decoding", "out_of_memory")
+def describe_failure(exc: BaseException, *, in_decoder: bool = False) -> tuple[str, str]:
+    """(code, reason) of any exception met while reading, decoding or preprocessing one file.
+
+    The one table from an exception to a code and a reason: `decode` turns its libraries'
+    exceptions into an `ImageDecodeError` with it, scoring into an error row and Serve into
+    a 422, so one bad file gets the same code everywhere:
+
+    * `ImageDecodeError`: its own code and reason (one of `bounds.CODES`);
+    * raised by a decoder library inside `decode` (`in_decoder`): the bytes are a damaged
+      image, `truncated`, `out_of_memory` or `decode_failed` with the library's message;
+    * anything else is not a known fault of the file (a bug, the machine):
+      `internal_error:<type>` with "<type>: message", still this one file's problem.
+
+    Messages are made printable and cut to 160 characters: they end up in report lines.
+    """
+    if isinstance(exc, ImageDecodeError):
+        return exc.code, exc.reason
     name = type(exc).__name__
-    return ImageDecodeError(f"cannot decode image ({name}: {message})" if message else f"cannot decode image ({name})",
-                            "decode_failed")
+    message = printable(" ".join(str(exc).split()), 160)
+    if not in_decoder:
+        return f"internal_error:{name}", f"{name}: {message}" if message else name
+    if isinstance(exc, EOFError) or "truncat" in message.lower():
+        return "truncated", "truncated image"
+    if isinstance(exc, MemoryError):
+        return "out_of_memory", "out of memory while decoding"
+    return "decode_failed", f"cannot decode image ({name}: {message})" if message else f"cannot decode image ({name})"
 
 
 def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
@@ -121,7 +137,8 @@ def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
     except Image.DecompressionBombWarning:  # a compressed DICOM frame's codestream above Pillow's cap
         raise ImageDecodeError(f"too many pixels (> {Image.MAX_IMAGE_PIXELS})", "too_large") from None
     except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ...
-        raise _describe(exc) from exc
+        code, reason = describe_failure(exc, in_decoder=True)
+        raise ImageDecodeError(reason, code) from exc
 
 
 def _file_kind(mode: int) -> str:

@@ -1,5 +1,8 @@
 """Heat maps drawn over the X-ray, for people: the thumbnail, the coloured overlay, PNG bytes.
 
+`heat_map_png` is what the scoring report and Serve's /explain both show: a Grad-CAM
+map drawn over the thumbnail, as a PNG.
+
 The base image is the decoded X-ray padded to a square and resized exactly as the model's
 input was (`preprocess`), only to a display size, so a heat map over the model input lies
 on the same anatomy at any size. Colour fades in with the heat, so where the model found
@@ -51,3 +54,12 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)  # fast; at most 256 px a side anyway
     return buffer.getvalue()
+
+
+def heat_map_png(square: np.ndarray, heat: np.ndarray) -> bytes:
+    """PNG bytes of a heat map (any resolution, [0, 1]) drawn over `square` (a `display_square`).
+
+    The one drawing of a Grad-CAM map for people, so the scoring report's images and
+    /explain's overlay look alike.
+    """
+    return png(overlay(square, heat))

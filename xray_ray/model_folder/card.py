@@ -4,18 +4,20 @@ Serve, scoring, evaluation and export all learn what a model is from here: its c
 in output order, its input size (taken from the network's own input shape at export),
 its version, the digests of its files and which engine can run it. A file is used only
 after its sha256 matches the card, so a replaced or corrupt `model.keras` or `model.onnx`
-is refused instead of answering.
+is refused instead of answering. Export lays a new card out with `ModelCard.exported` and
+saves it with `write`, the same atomic write `update` uses.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from xray_ray.config import CLASS_NAMES
+from xray_ray.config import CLASS_NAMES, Config, config_to_dict
 from xray_ray.files import atomic_write_text, sha256_file
 
 MODEL_FILE = "model.keras"
@@ -48,6 +50,29 @@ def framework_versions() -> dict[str, str]:
     """Versions of what trained (and will load) the model."""
     packages = ("xray-ray", "tensorflow", "keras", "ray", "numpy", "onnxruntime", "tf2onnx", "onnx")
     return {"python": platform.python_version(), **{name: package_version(name) for name in packages}}
+
+
+def build_card(name: str, config: Config, *, training: dict, index_fingerprint: str, split_counts: dict,
+               synthetic: bool, extra: dict | None = None) -> dict:
+    """What the training run knows about the model it exports: its name, its settings (the full config, and
+    the model and LRA settings as flat hyperparameters), the run, the index's fingerprint and split counts.
+
+    `export.export_model` hands this to `ModelCard.exported`, which adds the card's own fields and what the exported
+    files say (class order, preprocessing, input size, version, digests); metrics come after evaluation.
+    """
+    settings = config_to_dict(config)
+    return {
+        "name": name,
+        "backbone": config.model.backbone,
+        "weights": config.model.weights,
+        "hyperparameters": {**settings["model"], **{f"lra_{k}": v for k, v in settings["lra"].items()}},
+        "config": settings,
+        "training": training,
+        "index_fingerprint": index_fingerprint,
+        "split_counts": split_counts,
+        "synthetic_data": synthetic,
+        **(extra or {}),
+    }
 
 
 class ModelCard:
@@ -168,10 +193,43 @@ class ModelCard:
             raise EngineUnavailableError(f"cannot use the keras engine for {self.folder}: {err}"
                                          + (f"; and {reason}" if reason else "")) from None
 
+    @classmethod
+    def exported(cls, folder: str | Path, description: dict, *, input_size: int, pooling: str,
+                 onnx: dict | None = None) -> ModelCard:
+        """The card of a model whose files were just written into `folder` (not yet written itself: `write`).
+
+        `description` says what training knows (`build_card`: name, config, data, run).
+        The card adds what it owns: the class order, the preprocessing, the framework
+        versions, an empty `metrics` until evaluation; and what only the exported files can
+        say: the input size (the network's own), the version (name, time, model digest), the
+        digests of `model.keras`, `head.npz` and a converted `model.onnx`, the pooling, and
+        the ONNX section with its warning, if any, added to `warnings`.
+        """
+        folder = Path(folder)
+        created = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        digest = sha256_file(folder / MODEL_FILE)
+        data = {"metrics": {}, **description, "classes": list(CLASS_NAMES), "preprocessing": PREPROCESSING,
+                "versions": framework_versions(),
+                "input": {"size": input_size, "channels": 3, "dtype": "float32", "range": [0, 255]},
+                "version": f"{description['name']}-{created}-{digest[:8]}", "created_at": created,
+                "files": {MODEL_FILE: {"sha256": digest}, HEAD_FILE: {"sha256": sha256_file(folder / HEAD_FILE)}},
+                "pooling": pooling}
+        if onnx is not None:
+            data["onnx"] = onnx
+            if "sha256" in onnx:
+                data["files"][ONNX_FILE] = {"sha256": onnx["sha256"]}
+            if onnx.get("warning"):
+                data["warnings"] = [*data.get("warnings", []), onnx["warning"]]
+        return cls(folder, data)
+
+    def write(self) -> None:
+        """Write the card as `model_card.json` in its folder, atomically and durably (`files.atomic_write_text`)."""
+        atomic_write_text(self.folder / CARD_FILE, json.dumps(self.data, indent=2))
+
     def update(self, **fields: Any) -> ModelCard:
         """Add or replace top-level fields (e.g. metrics after evaluation) and write the card atomically."""
         self.data = {**self.data, **fields}
-        write_card(self.folder, self.data)
+        self.write()
         return self
 
     def public(self) -> dict:
@@ -186,8 +244,3 @@ class ModelCard:
         if "tune" in self.data:
             shown["tune"] = {k: v for k, v in self.data["tune"].items() if k != "storage_path"}
         return shown
-
-
-def write_card(folder: str | Path, data: dict) -> None:
-    """Write `model_card.json` in `folder` atomically."""
-    atomic_write_text(Path(folder) / CARD_FILE, json.dumps(data, indent=2))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from xray_ray.files import atomic_write_bytes, sha256_hex
 from xray_ray.images.decode import ImageDecodeError, decode, read_bytes
-from xray_ray.images.overlay import MAX_DISPLAY, display_square, overlay, png
+from xray_ray.images.overlay import MAX_DISPLAY, display_square, heat_map_png, png
 from xray_ray.images.preprocess import preprocess
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.gradcam import explain
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 EXPLAIN_DIR = "explain"
 """Folder beside index.html holding the thumbnails and heat maps."""
-DEFAULT_EXPLAIN = 24
-"""Images explained per run unless `--explain` says otherwise."""
 BATCH = 16
 
 
@@ -83,7 +81,7 @@ def write_explanations(report: Path, review_rows: pd.DataFrame, model: str | Non
             square = display_square(image, MAX_DISPLAY)
             names = {"image": f"{EXPLAIN_DIR}/{row['sha256']}.png", "heat map": f"{EXPLAIN_DIR}/{row['sha256']}-gradcam.png"}
             atomic_write_bytes(report / names["image"], png(square))
-            atomic_write_bytes(report / names["heat map"], png(overlay(square, heat)))
+            atomic_write_bytes(report / names["heat map"], heat_map_png(square, heat))
             shown.append({"why": row["why"], "file": row["file"], "predicted class": row["predicted class"],
                           "confidence": float(row["confidence"]), **names})
     log.info("%d heat maps drawn (%s)%s", len(shown), classifier.engine, f"; {len(skipped)} skipped" if skipped else "")

@@ -8,8 +8,8 @@ reads on. `read_and_prepare` reads each file, hashes it, drops it when the ledge
 (before decoding, so a re-run costs only reading and hashing) and decodes and preprocesses
 it with `images`, the same code as training. Any failure for one file (reading, hashing,
 decoding, preprocessing, whatever the exception) makes that file an error row with a code
-(`ImageDecodeError.code`, or `internal_error:<type>`) and a reason, never a failed block.
-A model call that fails is retried once; if it fails again its files become `model_failed`
+and a reason (`images.decode.describe_failure`: the decoder's code, or `internal_error:<type>`),
+never a failed block. A model call that fails is retried once; if it fails again its files become `model_failed`
 rows and the run goes on. Inputs travel as uint8 (size, size) planes, a
 twelfth of the float32 (size, size, 3) tensor `images.preprocess` returns, and are
 expanded back exactly (`pack` / `unpack`) next to the model.
@@ -30,8 +30,7 @@ import numpy as np
 from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_hex
 from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
-from xray_ray.images.decode import read_bytes
-from xray_ray.images.dicom import printable
+from xray_ray.images.decode import describe_failure, read_bytes
 from xray_ray.images.preprocess import decode_and_preprocess
 from xray_ray.scoring.ledger import MODEL_FAILED, row_key
 
@@ -59,15 +58,6 @@ def unpack(planes: np.ndarray) -> np.ndarray:
     return np.repeat(planes[..., np.newaxis], 3, axis=3).astype(np.float32)
 
 
-def failure(exc: BaseException) -> tuple[str, str]:
-    """(code, reason) of any exception met while handling one file or batch."""
-    if isinstance(exc, ImageDecodeError):
-        return exc.code, exc.reason
-    message = printable(" ".join(str(exc).split()), 160)
-    name = type(exc).__name__
-    return f"internal_error:{name}", f"{name}: {message}" if message else name
-
-
 def _prepare_file(path: str, found_error: str, found_code: str, image_size: int, known,
                   limits: DecodeLimits, seconds: dict[str, float]) -> tuple | None:
     """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows it.
@@ -85,14 +75,14 @@ def _prepare_file(path: str, found_error: str, found_code: str, image_size: int,
         seconds["read"] += read - started
         seconds["hash"] += time.perf_counter() - read
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
-        return None if row_key(sha256, path) in known else (path, sha256, size, "error", *failure(exc), None)
+        return None if row_key(sha256, path) in known else (path, sha256, size, "error", *describe_failure(exc), None)
     if row_key(sha256, path) in known:
         return None
     started = time.perf_counter()
     try:
         return path, sha256, size, "ok", "", "", pack(decode_and_preprocess(data, image_size, limits))
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
-        return path, sha256, size, "error", *failure(exc), None
+        return path, sha256, size, "error", *describe_failure(exc), None
     finally:
         seconds["decode_preprocess"] += time.perf_counter() - started
 
@@ -158,7 +148,7 @@ class Scorer:
         try:
             return self.predict(inputs)
         except Exception as exc:  # noqa: BLE001 - any model failure gets one more try
-            log.warning("model call for %d images failed (%s); retrying once", len(inputs), failure(exc)[1])
+            log.warning("model call for %d images failed (%s); retrying once", len(inputs), describe_failure(exc)[1])
         return self.predict(inputs)
 
     def __call__(self, batch: dict) -> dict:
@@ -179,7 +169,7 @@ class Scorer:
                 probabilities[ok], ood_score[ok], flagged[ok] = (answer[key] for key in ("probabilities", *OOD_COLUMNS))
                 version, engine = answer["model_version"], answer["engine"]
             except Exception as exc:  # noqa: BLE001 - the batch's files become error rows, the run goes on
-                _, reason = failure(exc)
+                _, reason = describe_failure(exc)
                 log.error("model call for %d images failed twice (%s); they become error rows", ok.sum(), reason)
                 out["status"][ok], out["error_code"][ok] = "error", MODEL_FAILED
                 out["error_reason"][ok] = f"the model failed on this batch twice ({reason})"

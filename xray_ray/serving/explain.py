@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from xray_ray.files import sha256_hex
 from xray_ray.images.decode import decode
-from xray_ray.images.overlay import display_square, overlay, png
+from xray_ray.images.overlay import display_square, heat_map_png
 from xray_ray.images.preprocess import preprocess
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.gradcam import explain, upsample
@@ -91,7 +91,7 @@ def explain_bytes(classifier: Classifier, data: bytes, class_name: str | None, f
     if form == "array":
         return {**answer, "heatmap": _array(result.grid[0])}, None
     square = display_square(gray)
-    return {**answer, "overlay_size": list(square.shape)}, png(overlay(square, result.heatmaps[0]))
+    return {**answer, "overlay_size": list(square.shape)}, heat_map_png(square, result.heatmaps[0])
 
 
 async def explain_response(classifier: Classifier, limiter: ExplainLimiter, files: list[tuple[str, bytes]],

@@ -15,6 +15,7 @@ from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from xray_ray.images.bounds import ImageDecodeError  # noqa: I001
+from xray_ray.images.decode import describe_failure
 
 RAW_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/tiff", "image/bmp",
                                "application/dicom", "application/octet-stream"})
@@ -59,11 +60,15 @@ class Share:
 
 
 def unusable(err: Exception) -> ApiError:
-    """The 422 for bytes that failed to decode or preprocess: the decoder's reason code, or
-    `internal_error:<type>` for anything unexpected (still this image's problem, never a 500)."""
-    if isinstance(err, ImageDecodeError):
-        return ApiError(422, err.code, err.reason)
-    return ApiError(422, f"internal_error:{type(err).__name__}", "the image could not be decoded or preprocessed")
+    """The 422 for bytes that failed to decode or preprocess, with `images.decode.describe_failure`'s code:
+    the decoder's, or `internal_error:<type>` for anything unexpected (still this image's problem, never a 500).
+
+    The reason of an unexpected error is a fixed sentence: its message is not the image's, and a client sees
+    only reasons that `ImageDecodeError` vouches carry no internal or patient details.
+    """
+    code, reason = describe_failure(err)
+    return ApiError(422, code, reason if isinstance(err, ImageDecodeError) else
+                    "the image could not be decoded or preprocessed")
 
 
 async def read_body(request: Request, limit: int, share: Share) -> bytes:

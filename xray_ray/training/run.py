@@ -23,7 +23,8 @@ from xray_ray.images.synth import SYNTHETIC_NOTE
 from xray_ray.model_folder.calibration import Calibration, reliability_bins
 from xray_ray.model_folder.card import MODEL_FILE
 from xray_ray.model_folder.engines import setup_tensorflow
-from xray_ray.model_folder.export import build_card, export_model
+from xray_ray.model_folder.card import build_card
+from xray_ray.model_folder.export import export_model
 from xray_ray.model_folder.reliability import fit_and_measure
 from xray_ray.reports.training import write_training_report
 from xray_ray.training import data
