@@ -1,5 +1,7 @@
 """Config loading: defaults, YAML, dotted overrides, and clear errors."""
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from xray_ray.config import (
@@ -31,13 +33,39 @@ def test_canonical_label(folder, label):
     assert canonical_label(folder) == label
 
 
-def test_class_order_is_the_models_output_order():
-    assert CLASS_NAMES == ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+def test_class_order_is_the_models_output_order(tmp_path):
+    """The origin's Keras generator numbered the classes alphabetically: output i is the i-th name in sorted order.
+    Training's one-hot targets put each class at that output, and a model card listing the classes in another
+    order is refused, so no engine reads an output as another class."""
+    from xray_ray.model_folder.card import ModelCard
+    from xray_ray.training.data import one_hot
+
+    origin = sorted(["Normal", "Viral Pneumonia", "COVID", "Lung_Opacity"])
+    assert one_hot(origin).tolist() == np.eye(4).tolist()
+    card = {"input": {"size": 64}, "version": "v1"}
+    ModelCard(tmp_path, {"classes": origin, **card}).check()
+    for other_order in (origin[::-1], [origin[1], origin[0], *origin[2:]]):
+        with pytest.raises(ValueError, match="classes"):
+            ModelCard(tmp_path, {"classes": other_order, **card}).check()
 
 
-def test_defaults_are_the_origins():
-    data = load_config().data
-    assert (data.split, data.seed, data.balance) == ((0.9, 0.05, 0.05), 123, "undersample")
+def test_default_settings_prepare_the_data_the_origins_way(ray_local):
+    """Without settings, the index is split 90/5/5 per class with seed 123 and every training class is cut to
+    the smallest one's count, as the origin did (here on its class sizes divided by ten)."""
+    from xray_ray.training import data
+
+    sizes = {"COVID": 362, "Lung_Opacity": 601, "Normal": 1019, "Viral Pneumonia": 135}
+    frame = pd.DataFrame([{"path": f"/d/{label}/{i}.png", "label": label, "sha256": f"{label}-{i}", "readable": True}
+                          for label, n in sizes.items() for i in range(n)])
+    settings = load_config().data
+    datasets, split = data.prepare(frame, settings.split, settings.seed, settings.balance)
+    counts = split.counts()
+    for label, n in sizes.items():
+        assert counts["train"][label] == round(0.9 * n)
+        assert abs(counts["valid"][label] - 0.05 * n) <= 1 and abs(counts["test"][label] - 0.05 * n) <= 1
+    assert data.class_counts(datasets["train"].to_pandas()) == dict.fromkeys(CLASS_NAMES, round(0.9 * 135))
+    assert split.test["path"].tolist() == data.split_index(frame, seed=123).test["path"].tolist()
+    assert split.test["path"].tolist() != data.split_index(frame, seed=124).test["path"].tolist()
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -24,12 +24,13 @@ from tests.badfiles import (
     write_bad_files,
     write_good_files,
 )
+from tests.hostile import png_claiming
 from xray_ray.images.bounds import CODES
 from xray_ray.images.decode import (
     LIMITS,
-    SUPPORTED_EXTENSIONS,
     ImageDecodeError,
     decode,
+    describe_failure,
     looks_like_dicom,
     read_bytes,
     read_image,
@@ -75,10 +76,84 @@ def test_refusal_is_a_picklable_value_error():
     assert str(error) == "truncated image"
 
 
-def test_limits_are_explicit():
-    assert (LIMITS.max_pixels, LIMITS.max_side, LIMITS.min_side, LIMITS.max_aspect, LIMITS.max_bits,
-            LIMITS.max_file_bytes) == (50_000_000, 16_384, 32, 10.0, 32, 256 * 2**20)
-    assert SUPPORTED_EXTENSIONS == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+def test_any_exception_for_one_file_gets_one_code_and_reason():
+    refusal = ImageDecodeError("empty file", "empty")
+    assert describe_failure(refusal) == describe_failure(refusal, in_decoder=True) == ("empty", "empty file")
+    # a decoder library's exception means a damaged image ...
+    assert describe_failure(EOFError(), in_decoder=True) == ("truncated", "truncated image")
+    assert describe_failure(OSError("image file is truncated"), in_decoder=True)[0] == "truncated"
+    assert describe_failure(MemoryError(), in_decoder=True)[0] == "out_of_memory"
+    assert describe_failure(SyntaxError("bad\x00 chunk"), in_decoder=True) == (
+        "decode_failed", "cannot decode image (SyntaxError: bad? chunk)")
+    # ... anywhere else it is an internal error, still with a printable, bounded reason
+    assert describe_failure(MemoryError()) == ("internal_error:MemoryError", "MemoryError")
+    code, reason = describe_failure(RuntimeError("a bug\x00 " + "x" * 500))
+    assert code == "internal_error:RuntimeError" and reason.startswith("RuntimeError: a bug")
+    assert "\x00" not in reason and len(reason) < 200
+
+
+def test_a_decoder_exception_becomes_an_image_decode_error(monkeypatch):
+    from xray_ray.images import decode as module
+
+    def failing(data, limits):
+        raise SyntaxError("broken chunk")
+
+    monkeypatch.setattr(module, "_decode_pillow", failing)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode(b"not really a png")
+    assert caught.value.code == "decode_failed"
+    assert caught.value.reason == "cannot decode image (SyntaxError: broken chunk)"
+
+
+# The default bounds (images.bounds) as (width, height, frames, bits) at the bound and one step past it.
+AT_AND_PAST_THE_BOUNDS = {
+    "side 16,384": ((16_384, 1_700, 1, 8), (16_385, 1_700, 1, 8), "too_large"),
+    "50 million pixels": ((7_071, 7_071, 1, 8), (7_072, 7_071, 1, 8), "too_large"),
+    "50 million pixels over frames": ((5_000, 5_000, 2, 8), (5_000, 5_001, 2, 8), "too_large"),
+    "side 32": ((32, 32, 1, 8), (31, 32, 1, 8), "too_small"),
+    "aspect 10:1": ((320, 32, 1, 8), (321, 32, 1, 8), "bad_aspect"),
+    "32 bits": ((64, 64, 1, 32), (64, 64, 1, 33), "bad_depth"),
+}
+
+
+@pytest.mark.parametrize("bound", AT_AND_PAST_THE_BOUNDS)
+def test_default_bounds_accept_an_image_at_the_bound_and_refuse_one_step_past(bound):
+    at, past, code = AT_AND_PAST_THE_BOUNDS[bound]
+    LIMITS.check(*at)
+    with pytest.raises(ImageDecodeError) as caught:
+        LIMITS.check(*past)
+    assert caught.value.code == code
+    width, height, frames, bits = past
+    if frames == 1 and bits == 8:  # what decoding does with such a header: refused before any pixel buffer exists
+        with pytest.raises(ImageDecodeError) as caught:
+            decode(png_claiming(width, height))
+        assert caught.value.code == code
+
+
+def test_default_file_size_cap_is_256_mib(tmp_path):
+    with open(tmp_path / "big.png", "wb") as file:
+        file.truncate(256 * 2**20 + 1)  # sparse: one byte over the cap costs no disk, and is never read
+    with pytest.raises(ImageDecodeError) as caught:
+        read_bytes(tmp_path / "big.png")
+    assert caught.value.code == "file_too_large" and f"> {256 * 2**20})" in caught.value.reason
+
+
+def test_the_jobs_pick_up_every_supported_file_ending_in_any_case_and_only_those(tmp_path):
+    from xray_ray.scoring.archive import walk
+
+    samples = {".png": "gray8.png", ".jpg": "gray.jpg", ".jpeg": "gray.jpg", ".tif": "gray8.tif", ".tiff": "gray8.tif",
+               ".bmp": "rgb.bmp", ".dcm": "dicom_mono2.dcm", ".dicom": "dicom_mono2.dcm"}
+    expected = {}
+    for ending, sample in samples.items():
+        for name in (f"lower{ending}", f"upper{ending.upper()}"):
+            (tmp_path / name).write_bytes(GOOD[sample][0])
+            expected[name] = sample
+    for other in ("scan.gif", "notes.txt", "image.png.bak"):  # an image's bytes under an ending the jobs skip
+        (tmp_path / other).write_bytes(GOOD["gray8.png"][0])
+    found = {os.path.basename(entry.path): entry.error for entry in walk(tmp_path)}
+    assert found == dict.fromkeys(expected, "")
+    for name, sample in expected.items():
+        assert read_image(tmp_path / name).shape == tuple(GOOD[sample][1]), name
 
 
 def test_dicom_marker_detection():

@@ -83,8 +83,20 @@ def _outcome(data: bytes, limits: DecodeLimits = LIMITS) -> str:
 # --- hostile kinds ------------------------------------------------------------------------
 
 
-def test_there_are_at_least_25_hostile_kinds(tmp_path):
-    assert len(write_hostile_files(tmp_path)) >= 25 + 3
+def test_every_hostile_file_is_refused_through_read_image_with_its_code(tmp_path):
+    """The jobs' entry point, a path, refuses each of the 25+ content kinds and 3 file-system kinds with its code.
+    The symlink to /dev/zero is scoring's `outside_archive` (its walk never follows it); read directly it is
+    not a regular file."""
+    expected = write_hostile_files(tmp_path)
+    outcomes = {}
+    for name in expected:
+        try:
+            read_image(tmp_path / name)
+            outcomes[name] = "ok"
+        except ImageDecodeError as err:
+            outcomes[name] = err.code
+    assert outcomes == {**expected, "dev_zero.png": "not_a_file"}
+    assert len(outcomes) >= 25 + 3
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))

@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from xray_ray.cli import app
 from xray_ray.config import CLASS_NAMES
-from xray_ray.images.synth import FINDING_REGIONS, SYNTHETIC_NOTE, phantom, phantom_with_region, write_dataset
+from xray_ray.images.synth import FINDING_REGIONS, phantom, phantom_with_region, write_dataset
+from xray_ray.scoring.archive import is_synthetic
 
 
 def _png_bytes(root, per_class):
@@ -44,12 +47,19 @@ def test_layout_names_and_counts(small_dataset):
     assert (root / "Viral Pneumonia" / "images" / "Viral Pneumonia-3.png").is_file()
 
 
-def test_synthetic_marker(small_dataset):
+def test_synthetic_marker(small_dataset, tmp_path):
     root, _ = small_dataset
     text = (root / "SYNTHETIC.txt").read_text()
     assert "synthetic" in text.lower() and "not real" in text.lower()
-    assert isinstance(SYNTHETIC_NOTE, str) and "\n" not in SYNTHETIC_NOTE
-    assert "synthetic" in SYNTHETIC_NOTE.lower()
+    assert is_synthetic([root]) and not is_synthetic([tmp_path])  # what jobs make of it: their numbers are labelled
+
+
+def test_synth_command_says_in_one_line_that_the_images_are_synthetic(tmp_path):
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "out"), "--per-class", "1", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wrote 4 synthetic phantoms") and "not real" in lines[0]
+    assert (tmp_path / "out" / "SYNTHETIC.txt").is_file()
 
 
 @pytest.mark.parametrize("size", [32, 64, 299])

@@ -33,6 +33,9 @@ SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
 # Pillow's own bomb check follows our cap; its warning (above the cap) is made an error in `decode`.
 Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels
 
+READ_CHUNK = 1 << 20
+"""Bytes read from a file at a time (see `_read_up_to`)."""
+
 # Pillow plugins we let identify content (the JPEG one also opens multi-picture camera
 # JPEGs). Restricting them keeps odd formats (EPS runs Ghostscript, for example) out of
 # reach of uploaded bytes.
@@ -165,7 +168,7 @@ def read_bytes(path: str | os.PathLike, limits: DecodeLimits = LIMITS) -> bytes:
             opened = os.fstat(fd)
             if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
                 raise ImageDecodeError("file changed while it was read (replaced)", "changed_while_read")
-            data = file.read(limits.max_file_bytes + 1)
+            data = _read_up_to(file, limits.max_file_bytes + 1)
             after = os.fstat(fd)
     except OSError as exc:
         raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}", "unreadable") from None
@@ -174,6 +177,17 @@ def read_bytes(path: str | os.PathLike, limits: DecodeLimits = LIMITS) -> bytes:
     if (len(data), opened.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or opened.st_size != after.st_size:
         raise ImageDecodeError("file changed while it was read", "changed_while_read")
     return data
+
+
+def _read_up_to(file, limit: int) -> bytes:
+    """At most `limit` bytes of `file`, read a chunk at a time: a buffer the size of the cap is never asked
+    for up front (the cap is 256 MB; most files are a few hundred KB), and a file larger than its size says
+    (one growing, or in /proc) still stops at the cap."""
+    chunks, total = [], 0
+    while total < limit and (chunk := file.read(min(READ_CHUNK, limit - total))):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def read_image(path: str | os.PathLike, limits: DecodeLimits = LIMITS) -> np.ndarray:

@@ -51,7 +51,7 @@ def recent_runs(out: Path, this_run: str, limit: int = RECENT_RUNS) -> list[dict
             found.append((str(summary["started_at"]), summary["run"], summary))
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("%s cannot be read; it is left out of the drift baseline", path)
-    return [summary for _, _, summary in sorted(found)[-limit:]]
+    return [summary for _, _, summary in sorted(found, key=lambda entry: entry[:2])[-limit:]]  # never by dict
 
 
 def _mix_test(counts: np.ndarray, reference: np.ndarray) -> dict:

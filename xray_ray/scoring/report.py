@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -61,25 +62,6 @@ def _listing(frame: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
     return shown.assign(path=frame["path"].to_numpy(), sha256=frame["sha256"].to_numpy())
 
 
-def review_list(ok: pd.DataFrame, threshold: float, top_n: int) -> pd.DataFrame:
-    """Answers under `threshold` (least sure first), then each class's `top_n` most confident."""
-    unsure = ok[ok["confidence"] < threshold].sort_values("confidence").assign(why="low confidence")
-    confident = [ok[(ok["predicted_label"] == name) & (ok["confidence"] >= threshold)].nlargest(top_n, "confidence")
-                 .assign(why=f"most confident {name}") for name in CLASS_NAMES]
-    return pd.concat([unsure, *confident])
-
-
-def _counts(ok: pd.DataFrame, threshold: float) -> list[dict]:
-    rows = []
-    for name in CLASS_NAMES:
-        mine = ok[ok["predicted_label"] == name]
-        rows.append({"Predicted class": name, "Images": len(mine),
-                     "Share": f"{len(mine) / len(ok):.1%}" if len(ok) else "–",
-                     "Median confidence": f"{mine['confidence'].median():.2f}" if len(mine) else "–",
-                     f"Below {threshold:.2f}": int((mine["confidence"] < threshold).sum())})
-    return rows
-
-
 def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roots: list[Path],
                  labels: dict[str, str] | None, threshold: float, top_n: int, explain: int = 0,
                  model: str | None = None, engine: str = "auto") -> dict:
@@ -88,57 +70,16 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     With `explain` > 0 and the run's `model` folder, up to `explain` review images get a heat map (scoring.explain).
     """
     report = Path(folder) / "report"
-    frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
-    scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
-    ok, flagged = split_flagged(scored)
-    flagged_rows = flagged_listing(flagged, roots)
-    write_csv(report / FLAGGED_CSV, flagged_rows)
-    listing = _listing(ok, roots)
-    for name, file in CLASS_CSV.items():
-        write_csv(report / file, listing[ok["predicted_label"].to_numpy() == name]
-                          .sort_values("confidence", ascending=False))
-    review = review_list(ok, threshold, top_n)
-    review_rows = _listing(review, roots).assign(why=review["why"].to_numpy())
-    review_rows = review_rows[["why", *review_rows.columns[:-1]]]
-    write_csv(report / "review.csv", review_rows)
+    rows = _sort_rows(predictions)
+    flagged_rows, review_rows, error_rows = _write_lists(report, rows, roots, threshold, top_n)
     explained, explain_note = write_explanations(report, review_rows, model, state["model_version"], engine, explain)
-    error_rows = pd.DataFrame({"file": [display_path(p, roots) for p in errors["path"]],
-                               "code": errors["error_code"], "reason": errors["error_reason"], "path": errors["path"]})
-    write_csv(report / "errors.csv", error_rows)
-    counts = _counts(ok, threshold)
-    write_csv(report / "counts.csv", counts)
-    plot_histograms(report / "confidence_by_class.png",
-                            {name: ok.loc[ok["predicted_label"] == name, "confidence"].tolist() for name in CLASS_NAMES},
-                            "How sure the model was, by predicted class", "confidence")
-
-    truth = true_labels(ok["path"], roots, labels)
-    known = truth.notna()
-    evaluation = None
-    if known.any():
-        evaluation = evaluate(truth[known].tolist(), ok.loc[known, list(PROBABILITY_COLUMNS.values())].to_numpy())
-        write_classification_report(report, evaluation)
-        plot_confusion_matrix(report / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
-                                      f"True against predicted class ({evaluation.n} images)")
-    flagged_truth = true_labels(flagged["path"], roots, labels).dropna()
-    flagged_right = (flagged_truth == flagged.loc[flagged_truth.index, "predicted_label"]).sum()
-    synthetic = is_synthetic(roots)
-    summary = {
-        "run": state["run"], "model_version": state["model_version"],
-        "engines": sorted(frame["engine"].dropna().unique().tolist()) or [state["engine"]],
-        "archives": state["archives"], "synthetic_data": synthetic, "started_at": state["started_at"],
-        "finished_at": state.get("finished_at"), "files": len(frame), "scored": len(scored), "errors": len(errors),
-        "out_of_distribution": len(flagged), "in_distribution": len(ok),
-        "found_this_time": state.get("found"), "scored_this_time": state.get("scored_now"),
-        "skipped_already_scored": state.get("skipped_already_scored"),
-        "per_class": {row["Predicted class"]: row["Images"] for row in counts},
-        "review_threshold": threshold, "below_threshold": int((ok["confidence"] < threshold).sum()), "top_n": top_n,
-        "error_codes": {str(k): int(v) for k, v in errors["error_code"].value_counts().sort_index().items()},
-        "error_reasons": {str(k): int(v) for k, v in errors["error_reason"].value_counts().items()},
-        "out_of_distribution_with_known_class": {"images": len(flagged_truth), "correct": int(flagged_right)},
-        "explanations": {"limit": explain, "shown": len(explained), "note": explain_note},
-        "ground_truth": None if evaluation is None else {"source": "labels CSV" if labels is not None else
-                                                         "class folders", **evaluation.as_dict()},
-    }
+    counts = _write_counts(report, rows.ok, threshold)
+    evaluation, flagged_known = _write_evaluation(report, rows, roots, labels)
+    summary = {**_run_summary(state, rows, roots, counts, threshold, top_n),
+               "out_of_distribution_with_known_class": flagged_known,
+               "explanations": {"limit": explain, "shown": len(explained), "note": explain_note},
+               "ground_truth": None if evaluation is None else {
+                   "source": "labels CSV" if labels is not None else "class folders", **evaluation.as_dict()}}
     summary["drift"] = drift.write_drift(report, summary, state.get("baseline") or {})
     write_json(report / "summary.json", summary)
     _write_page(report, summary, counts, review_rows, error_rows, evaluation, flagged_rows,
@@ -146,13 +87,32 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     return summary
 
 
-def split_flagged(scored: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(in-distribution rows, out-of-distribution rows): flagged rows stay out of counts, figures and accuracy.
-    Rows written before the flag existed count as not flagged."""
-    if "out_of_distribution" not in scored:
-        scored = scored.assign(ood_score=float("nan"), out_of_distribution=False)
+class _Rows(NamedTuple):
+    """A run's rows with their `confidence`: all; errors (not scored); scored in distribution (ok) or not (flagged)."""
+    all: pd.DataFrame
+    errors: pd.DataFrame
+    ok: pd.DataFrame
+    flagged: pd.DataFrame
+
+
+def _sort_rows(predictions: pd.DataFrame) -> _Rows:
+    """Confidence is a row's highest probability; rows written before the flag existed count as not flagged."""
+    frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
+    frame = frame if "out_of_distribution" in frame else frame.assign(ood_score=float("nan"), out_of_distribution=False)
+    scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
     flag = scored["out_of_distribution"].fillna(False).astype(bool)
-    return scored[~flag], scored[flag]
+    return _Rows(frame, errors, scored[~flag], scored[flag])
+
+
+def review_list(ok: pd.DataFrame, roots: list[Path], threshold: float, top_n: int) -> pd.DataFrame:
+    """Answers under `threshold` (least sure first), then each class's `top_n` most confident, as a reviewer
+    reads them, each row first saying why it is there."""
+    unsure = ok[ok["confidence"] < threshold].sort_values("confidence").assign(why="low confidence")
+    confident = [ok[(ok["predicted_label"] == name) & (ok["confidence"] >= threshold)].nlargest(top_n, "confidence")
+                 .assign(why=f"most confident {name}") for name in CLASS_NAMES]
+    review = pd.concat([unsure, *confident])
+    rows = _listing(review, roots).assign(why=review["why"].to_numpy())
+    return rows[["why", *rows.columns[:-1]]]
 
 
 def flagged_listing(flagged: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
@@ -160,6 +120,70 @@ def flagged_listing(flagged: pd.DataFrame, roots: list[Path]) -> pd.DataFrame:
     rows = _listing(flagged, roots).assign(ood_score=flagged["ood_score"].round(3).to_numpy())
     rows = rows[["file", "ood_score", *[c for c in rows.columns if c not in ("file", "ood_score")]]]
     return rows.sort_values("ood_score", ascending=False)
+
+
+def _write_lists(report: Path, rows: _Rows, roots: list[Path], threshold: float, top_n: int) -> tuple:
+    """The CSVs to download: one per predicted class (most confident first), then the flagged files, the images to
+    review and the files that could not be read, whose tables it returns."""
+    listing = _listing(rows.ok, roots)
+    for name, file in CLASS_CSV.items():
+        write_csv(report / file, listing[rows.ok["predicted_label"].to_numpy() == name]
+                  .sort_values("confidence", ascending=False))
+    flagged_rows, review_rows = flagged_listing(rows.flagged, roots), review_list(rows.ok, roots, threshold, top_n)
+    errors = rows.errors
+    error_rows = pd.DataFrame({"file": [display_path(p, roots) for p in errors["path"]], "code": errors["error_code"],
+                               "reason": errors["error_reason"], "path": errors["path"]})
+    for file, table in ((FLAGGED_CSV, flagged_rows), ("review.csv", review_rows), ("errors.csv", error_rows)):
+        write_csv(report / file, table)
+    return flagged_rows, review_rows, error_rows
+
+
+def _write_counts(report: Path, ok: pd.DataFrame, threshold: float) -> list[dict]:
+    """counts.csv (images, share, median confidence, how many unsure) and the confidence histograms, per class."""
+    counts = []
+    for name in CLASS_NAMES:
+        mine = ok[ok["predicted_label"] == name]
+        counts.append({"Predicted class": name, "Images": len(mine),
+                       "Share": f"{len(mine) / len(ok):.1%}" if len(ok) else "–",
+                       "Median confidence": f"{mine['confidence'].median():.2f}" if len(mine) else "–",
+                       f"Below {threshold:.2f}": int((mine["confidence"] < threshold).sum())})
+    write_csv(report / "counts.csv", counts)
+    plot_histograms(report / "confidence_by_class.png",
+                    {name: ok.loc[ok["predicted_label"] == name, "confidence"].tolist() for name in CLASS_NAMES},
+                    "How sure the model was, by predicted class", "confidence")
+    return counts
+
+
+def _write_evaluation(report: Path, rows: _Rows, roots: list[Path], labels: dict[str, str] | None) -> tuple:
+    """What the known true classes say: the evaluation of the in-distribution rows (None: no class known), with its
+    classification report and confusion matrix, and how many flagged rows the model's class got right."""
+    flagged_truth = true_labels(rows.flagged["path"], roots, labels).dropna()
+    flagged_right = (flagged_truth == rows.flagged.loc[flagged_truth.index, "predicted_label"]).sum()
+    flagged_known = {"images": len(flagged_truth), "correct": int(flagged_right)}
+    truth = true_labels(rows.ok["path"], roots, labels)
+    known = truth.notna()
+    if not known.any():
+        return None, flagged_known
+    evaluation = evaluate(truth[known].tolist(), rows.ok.loc[known, list(PROBABILITY_COLUMNS.values())].to_numpy())
+    write_classification_report(report, evaluation)
+    plot_confusion_matrix(report / "confusion_matrix.png", evaluation.confusion, evaluation.class_names,
+                          f"True against predicted class ({evaluation.n} images)")
+    return evaluation, flagged_known
+
+
+def _run_summary(state: dict, rows: _Rows, roots: list[Path], counts: list[dict], threshold: float, top_n: int):
+    """The summary's run and model, what it found, scored, flagged and could not read, and its answers per class."""
+    return {"run": state["run"], "model_version": state["model_version"],
+            "engines": sorted(rows.all["engine"].dropna().unique().tolist()) or [state["engine"]],
+            "archives": state["archives"], "synthetic_data": is_synthetic(roots), "started_at": state["started_at"],
+            "finished_at": state.get("finished_at"), "files": len(rows.all), "scored": len(rows.ok) + len(rows.flagged),
+            "errors": len(rows.errors), "out_of_distribution": len(rows.flagged), "in_distribution": len(rows.ok),
+            "found_this_time": state.get("found"), "scored_this_time": state.get("scored_now"),
+            "skipped_already_scored": state.get("skipped_already_scored"),
+            "per_class": {row["Predicted class"]: row["Images"] for row in counts}, "review_threshold": threshold,
+            "below_threshold": int((rows.ok["confidence"] < threshold).sum()), "top_n": top_n,
+            "error_codes": {str(k): int(v) for k, v in rows.errors["error_code"].value_counts().sort_index().items()},
+            "error_reasons": {str(k): int(v) for k, v in rows.errors["error_reason"].value_counts().items()}}
 
 
 def _accuracy_section(evaluation, source: str) -> Section:

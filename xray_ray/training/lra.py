@@ -32,6 +32,24 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _epoch_logs(logs: dict | None) -> dict[str, float | None]:
+    """The four values an epoch record keeps from Keras' logs (None when absent)."""
+    logs = logs or {}
+    return {key: _num(logs.get(key)) for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
+
+
+def _is_improvement(monitor: str, value: float, best: float) -> bool:
+    """Accuracy improves by rising, validation loss by falling (a NaN never improves)."""
+    return bool(value > best if monitor == "accuracy" else value < best)
+
+
+def _gain_pct(monitor: str, value: float, best: float) -> float | None:
+    """How much better (+) or worse (-) than the best so far, in percent of it; None when there is no usable best."""
+    if monitor == "accuracy":
+        return (value - best) * 100 / best if best > 0 else None
+    return (best - value) * 100 / best if math.isfinite(best) and best != 0 else None
+
+
 class LRA(keras.callbacks.Callback):
     """Adjust the learning rate, roll back to the best weights and stop early, the notebook's way.
 
@@ -113,43 +131,59 @@ class LRA(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         """Compare the monitored value with the best so far and act on it (see module doc)."""
-        logs = logs or {}
-        loss, acc = _num(logs.get("loss")), _num(logs.get("accuracy"))
-        v_loss, v_acc = _num(logs.get("val_loss")), _num(logs.get("val_accuracy"))
+        seen = _epoch_logs(logs)
         lr = self._get_lr()
+        monitor, value, best = self._monitored(seen["accuracy"], seen["val_loss"])
+        improved = _is_improvement(monitor, value, best)
+        action = self._record_improvement(epoch) if improved else self._record_miss(lr)
+        self._update_bests(monitor, value, improved, seen["accuracy"], seen["val_loss"])
+        action += self._check_stop()
+        self.epochs.append(dict(epoch=epoch + 1, **seen, lr=lr, monitor=monitor, value=_num(value), improved=improved,
+                                action=action, lr_after=self._get_lr()))
+        self._print_epoch(self.epochs[-1], _gain_pct(monitor, value, best))
+
+    # ---- one epoch end, step by step -----------------------------------------------------
+    def _monitored(self, acc: float | None, v_loss: float | None) -> tuple[str, float, float]:
+        """(name, this epoch's value, best so far) of the monitored quantity: training accuracy until it
+        reaches ``threshold`` (or while there is no validation loss), validation loss after."""
         acc_v = acc if acc is not None else math.nan
-
-        # Accuracy drives until it reaches the threshold (or when there is no validation loss).
         if v_loss is None or not acc_v >= self.threshold:
-            monitor, value, best = "accuracy", acc_v, self.highest_tracc
-            improved = value > best
-            pct = (value - best) * 100 / best if best > 0 else None
-        else:
-            monitor, value, best = "val_loss", v_loss, self.lowest_vloss
-            improved = value < best
-            pct = (best - value) * 100 / best if math.isfinite(best) and best != 0 else None
+            return "accuracy", acc_v, self.highest_tracc
+        return "val_loss", v_loss, self.lowest_vloss
 
-        if improved:
-            self._save_best()
-            self.best_epoch = epoch + 1
-            self.count = self.stop_count = 0
-            action = "improved, saved best"
-        else:
-            self.count += 1
-            action = f"no improvement ({self.count}/{self.patience})"
-            if self.count >= self.patience:
-                new_lr = lr * self.factor
-                self._set_lr(new_lr)
-                self.count = 0
-                self.stop_count += 1
-                action = f"lr {lr:.6g} -> {new_lr:.6g}"
-                if self.dwell and self.best_weights is not None:
-                    self.model.set_weights(self.best_weights)
-                    where = f"epoch {self.best_epoch}" if self.best_epoch else "initial weights"
-                    action += f", weights back to {where}"
-                action += f" (cut {self.stop_count}/{self.stop_patience})"
+    def _record_improvement(self, epoch: int) -> str:
+        """Save the weights as the best and reset both counters."""
+        self._save_best()
+        self.best_epoch = epoch + 1
+        self.count = self.stop_count = 0
+        return "improved, saved best"
 
-        # Keep the other counter current so a switch of monitor compares against a sensible value.
+    def _record_miss(self, lr: float) -> str:
+        """Count an epoch without improvement; after ``patience`` of them, cut the learning rate."""
+        self.count += 1
+        if self.count < self.patience:
+            return f"no improvement ({self.count}/{self.patience})"
+        return self._cut_lr(lr)
+
+    def _cut_lr(self, lr: float) -> str:
+        """Multiply the learning rate by ``factor``, count the cut, and with ``dwell`` go back to the best weights."""
+        new_lr = lr * self.factor
+        self._set_lr(new_lr)
+        self.count = 0
+        self.stop_count += 1
+        action = f"lr {lr:.6g} -> {new_lr:.6g}"
+        if self.dwell and self.best_weights is not None:
+            action += self._roll_back()
+        return action + f" (cut {self.stop_count}/{self.stop_patience})"
+
+    def _roll_back(self) -> str:
+        """Put the best weights back (dwell); the words for the action."""
+        self.model.set_weights(self.best_weights)
+        return f", weights back to {f'epoch {self.best_epoch}' if self.best_epoch else 'initial weights'}"
+
+    def _update_bests(self, monitor: str, value: float, improved: bool, acc: float | None,
+                      v_loss: float | None) -> None:
+        """Keep both best values current, so a switch of monitor compares against a sensible value."""
         if monitor == "accuracy":
             if improved:
                 self.highest_tracc = value
@@ -161,23 +195,23 @@ class LRA(keras.callbacks.Callback):
             if acc is not None and acc > self.highest_tracc:
                 self.highest_tracc = acc
 
-        if self.stop_count >= self.stop_patience:
-            self.model.stop_training = True
-            self.stop_reason = "stop_patience"
-            action += f"; stop: {self.stop_count} lr cuts without improvement"
+    def _check_stop(self) -> str:
+        """Stop training after ``stop_patience`` cuts without improvement; the words for the action, if so."""
+        if self.stop_count < self.stop_patience:
+            return ""
+        self.model.stop_training = True
+        self.stop_reason = "stop_patience"
+        return f"; stop: {self.stop_count} lr cuts without improvement"
 
-        lr_after = self._get_lr()
-        self.epochs.append(
-            dict(epoch=epoch + 1, loss=loss, accuracy=acc, val_loss=v_loss, val_accuracy=v_acc,
-                 lr=lr, monitor=monitor, value=_num(value), improved=bool(improved),
-                 action=action, lr_after=lr_after)
-        )
+    def _print_epoch(self, record: dict, pct: float | None) -> None:
+        """One line: the epoch's values, the monitored one against the best so far (``pct``), and the action."""
         total = (self.params or {}).get("epochs")
         pct_s = "n/a" if pct is None else f"{pct:+.2f}%"
         self.print_fn(
-            f"epoch {epoch + 1}{f'/{total}' if total else ''}: loss {_fmt(loss)} acc {_fmt(acc)} "
-            f"val_loss {_fmt(v_loss)} val_acc {_fmt(v_acc)} lr {lr:.6g} | "
-            f"{monitor} {_fmt(_num(value))} ({pct_s} vs best) | {action}"
+            f"epoch {record['epoch']}{f'/{total}' if total else ''}: loss {_fmt(record['loss'])} "
+            f"acc {_fmt(record['accuracy'])} val_loss {_fmt(record['val_loss'])} "
+            f"val_acc {_fmt(record['val_accuracy'])} lr {record['lr']:.6g} | "
+            f"{record['monitor']} {_fmt(record['value'])} ({pct_s} vs best) | {record['action']}"
         )
 
     def on_train_end(self, logs=None):
