@@ -191,6 +191,7 @@ def serve_and_ask(model: Path, archive: Path) -> list[dict]:
 
     port = free_port()
     start_serving(ServeConfig(model=str(model), num_cpus=1, port=port))
+    print(f"    review page (open it in a browser while Serve is up): http://127.0.0.1:{port}/", flush=True)
     images = sorted(archive.glob("*/images/*.png")) or sorted(archive.glob("*/*.png"))  # either layout
     samples = images[:: max(1, len(images) // 4)][:4]  # one per class folder
     answers = ask_serve(f"http://127.0.0.1:{port}", samples + sorted((archive / "incoming").glob("*"))[:1])
