@@ -110,7 +110,8 @@ class ServeConfig:
                                      "network and needs a token (--token-file), and a firewall.")
     port: int = setting(8000, "HTTP port.")
     token_file: str | None = setting(None, "File holding a bearer token required on every endpoint but /healthz "
-                                           "(or set $XRAY_RAY_SERVE_TOKEN where the replicas run).")
+                                           "and the review page / (or set $XRAY_RAY_SERVE_TOKEN where the "
+                                           "replicas run).")
     insecure_no_token: bool = setting(False, "Serve on a non-loopback host without a token (refused otherwise).")
 
     # The model
@@ -126,8 +127,18 @@ class ServeConfig:
     # Batching
     max_batch_size: int = setting(16, "Largest dynamic batch.")
     batch_wait_timeout_s: float = setting(0.02, "How long a batch waits to fill, in seconds.")
-    max_ongoing_requests: int | None = setting(None, "Requests one replica takes at once; unset: twice "
-                                                     "max_batch_size, so batches can fill.")
+    max_ongoing_requests: int | None = setting(None, "Requests Serve sends one replica at once; unset: four "
+                                                     "times what the replica holds (max_batch_size + "
+                                                     "max_queued_requests), so it sheds the excess itself.")
+
+    # Overload and stopping
+    max_queued_requests: int = setting(16, "Requests a replica lets wait beyond one batch; past it, 503 "
+                                           "`overloaded` with Retry-After instead of an ever longer queue.")
+    max_queue_wait_s: float = setting(10.0, "Longest an accepted request waits for the model before it is "
+                                            "answered 503 `overloaded` (bounds an accepted request's latency).")
+    retry_after_s: int = setting(1, "Seconds a refused client is told to wait (Retry-After) before retrying.")
+    graceful_shutdown_timeout_s: float = setting(10.0, "On a stop, how long the replicas have to answer the "
+                                                       "requests they accepted (new ones get 503 `draining`).")
 
     # Bounds on what a replica holds
     max_body_mb: float = setting(64.0, "Largest request body accepted, in MB (413 beyond).")
@@ -139,7 +150,9 @@ class ServeConfig:
         problems = _problems_of_counts("serve", {name: getattr(self, name) for name in (
             "max_batch_size", "max_batch_files", "num_replicas", "port")}, 1)
         problems += _problems_of_counts("serve", {name: getattr(self, name) for name in (
-            "batch_wait_timeout_s", "num_cpus", "num_gpus")}, 0)
+            "batch_wait_timeout_s", "num_cpus", "num_gpus", "max_queued_requests", "graceful_shutdown_timeout_s")}, 0)
+        problems += _problems_of_counts("serve", {"max_queue_wait_s": self.max_queue_wait_s,
+                                                  "retry_after_s": self.retry_after_s}, 0.001)
         if self.engine not in ENGINES:
             problems.append(f"serve.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
@@ -153,5 +166,12 @@ class ServeConfig:
 
     @property
     def ongoing_requests(self) -> int:
-        """Requests one replica takes at once: `max_ongoing_requests`, else twice `max_batch_size`."""
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        """Requests Serve sends one replica at once: `max_ongoing_requests`, else four times what the replica
+        holds (a batch and the queue behind it), so the excess reaches the replica, which answers it with its
+        JSON 503 in a moment (refusing costs no decoding), instead of waiting in Serve's queue."""
+        return self.max_ongoing_requests or 4 * self.holds
+
+    @property
+    def holds(self) -> int:
+        """Requests one replica takes on at once: a batch being answered and the queue behind it."""
+        return self.max_batch_size + self.max_queued_requests

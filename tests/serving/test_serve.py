@@ -405,7 +405,7 @@ def test_settings_refuse_batches_that_cannot_fill(compact_model, tmp_path):
         settings_for(compact_model[0], max_batch_size=16, max_ongoing_requests=5)
     with pytest.raises(ValueError, match="model_card.json"):
         settings_for(tmp_path)
-    assert settings_for(compact_model[0], max_batch_size=16).ongoing_requests == 32
+    assert settings_for(compact_model[0], max_batch_size=16, max_queued_requests=8).ongoing_requests == 48
 
 
 def test_serve_config_yaml_is_valid_and_builds_the_app(compact_model):
@@ -501,8 +501,8 @@ def test_scoring_through_serve_gives_the_actor_backends_predictions(served, comp
 
 
 def readme_curl_commands() -> list[str]:
-    """The README's curl examples for the Serve endpoints, as printed there."""
-    readme = (REPO / "README.md").read_text()
+    """The curl examples for the Serve endpoints, as printed in the serving docs."""
+    readme = (REPO / "docs" / "serving.md").read_text()
     section = readme[readme.index("## Serving single studies"):]
     return [line for line in section.split("```")[3].splitlines() if line.startswith("curl ")]
 

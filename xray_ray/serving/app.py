@@ -16,8 +16,11 @@ guards every endpoint but /healthz when it is set. Each replica records Promethe
 """
 
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
@@ -35,12 +38,17 @@ from xray_ray.loopback import bind_serve_replicas_to_loopback
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import process_footprint, stop_signals_ignored
 from xray_ray.ray_runtime import require_ray, started_local_ray
+from xray_ray.serving.admission import Admission
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
 from xray_ray.serving.metrics import replica_metrics
+from xray_ray.serving.review_page import review_page
 from xray_ray.serving.settings import checked_model, decode_slots, memory_budget_mb, read_token
 
 log = logging.getLogger(__name__)
+
+DRAIN_MARGIN_S = 3.0
+"""Beyond the graceful timeout, how long a stop waits for Serve to report the replicas drained."""
 
 
 bind_serve_replicas_to_loopback()  # a replica imports this module before it starts its gRPC server
@@ -69,8 +77,7 @@ async def _timed(request: Request, call_next):
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     if metrics := replica_metrics():
         metrics.rejected.inc(tags={"reason": err.error})
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status, headers=headers)
+    return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status, headers=err.headers)
 
 
 @serve.deployment(name=SERVE_DEPLOYMENT_NAME)
@@ -85,6 +92,7 @@ class XrayClassifier:
         self.limit = int(settings.max_body_mb * 2**20)
         self.bodies = BodyBudget(int(settings.max_inflight_mb * 2**20))
         self.decoding = asyncio.Semaphore(decode_slots(settings))
+        self.admission = Admission(settings.holds, settings.max_queue_wait_s, settings.retry_after_s)
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
@@ -111,6 +119,14 @@ class XrayClassifier:
         self.metrics.answered(predictions, "http")
         return predictions.rows()
 
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve's in-place update of this replica. `{"draining": true}`, sent when the service is told to stop,
+        makes it refuse new requests (503 `draining`) and returns once those it accepted are answered, or
+        after the graceful timeout."""
+        if user_config.get("draining") and not self.admission.draining:
+            left = await self.admission.drain(self.settings.graceful_shutdown_timeout_s)
+            log.info("drained: %s", f"{left} request(s) still unanswered at the timeout" if left else "all answered")
+
     async def _answer(self, data: bytes) -> dict:
         """The JSON answer for one image's bytes; ApiError when they cannot be used."""
         if not data:
@@ -128,29 +144,31 @@ class XrayClassifier:
     async def predict(self, request: Request) -> dict:
         """One image: a multipart upload or the raw body (PNG, JPEG, TIFF, BMP, DICOM)."""
         self._authorize(request)
-        with self.bodies.request() as share:
+        with self.admission.admit() as deadline, self.bodies.request() as share:
             files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
             if len(files) > 1:
                 raise ApiError(400, "too_many_files", "send one image here, or several to /predict/batch")
-            return await self._answer(files[0][1])
+            return await self.admission.within(deadline, self._answer(files[0][1]))
 
     @api.post("/predict/batch")
     async def predict_batch(self, request: Request) -> dict:
         """Several uploads in one multipart request: one result or one error per file, in order."""
         self._authorize(request)
-        with self.bodies.request() as share:
+        with self.admission.admit() as deadline, self.bodies.request() as share:
             files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
-            results = await asyncio.gather(*(self._one_of_batch(name, data) for name, data in files))
+            answers = asyncio.gather(*(self._one_of_batch(name, data) for name, data in files))
+            results = await self.admission.within(deadline, answers)
         return {"results": list(results), "model_version": self.classifier.version}
 
     @api.post("/explain")
     async def explain(self, request: Request):
         """One image's answer plus its Grad-CAM heat map (overlay PNG or array; serving/explain.py)."""
         self._authorize(request)
-        with self.bodies.request() as share:
+        with self.admission.admit() as deadline, self.bodies.request() as share:
             files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
             async with self.decoding:  # an explanation decodes too: it counts against the same memory budget
-                return await explain_response(self.classifier, self.explainer, files, request)
+                return await self.admission.within(
+                    deadline, explain_response(self.classifier, self.explainer, files, request))
 
     async def _one_of_batch(self, name: str, data: bytes) -> dict:
         """One file of /predict/batch: its answer, or its error, never its neighbours'."""
@@ -159,6 +177,11 @@ class XrayClassifier:
         except ApiError as err:
             self.metrics.rejected.inc(tags={"reason": err.error})
             return {"file": name, "status": "error", "error": err.error, "reason": err.reason}
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self) -> HTMLResponse:
+        """The review page (serving/review_page.py): static, carries no data, so it needs no token."""
+        return review_page()
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -198,12 +221,26 @@ class XrayClassifier:
                 "model_version": predictions.model_version, "engine": predictions.engine}
 
 
-def build_app(settings: ServeConfig):
-    """The Serve application for `settings` (checked: `settings.checked_model`), with replicas, CPUs, GPUs and
-    concurrency applied."""
+def build_app(settings: ServeConfig, draining: bool = False):
+    """The Serve application for `settings` (checked: `settings.checked_model`), with replicas, CPUs, GPUs,
+    concurrency and the stop's grace applied; `draining` is the replicas' in-place state (`reconfigure`).
+
+    Serve sends each replica up to `ongoing_requests`, which by default leaves room beyond the
+    replica's own bound, so an overloaded replica itself sheds the excess with a JSON 503; Serve's
+    queue in front of the replicas is bounded too (its own 503 with Retry-After).
+
+    The deployment's version is the settings' digest: Serve gives a deployment without one a
+    random version on every `serve.run`, which replaces the replicas; with it, a change of
+    `draining` alone is applied in place (`reconfigure`), no replica restarted. (Serve keeps
+    `version` behind `_internal` since 2.x; Ray is pinned to the version this was tested with.)"""
+    version = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:16]
     return XrayClassifier.options(
+        version=version, _internal=True,
         num_replicas=settings.num_replicas,
         max_ongoing_requests=settings.ongoing_requests,
+        max_queued_requests=-1,  # unbounded in front: the replicas shed the excess themselves, in a moment
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+        user_config={"draining": draining},
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(settings)
 
@@ -224,6 +261,20 @@ def start(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str =
     return serve.run(build_app(checked_model(settings)), name=name, route_prefix=route_prefix)
 
 
+def drain(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str = "/") -> None:
+    """Before a stop: every replica refuses new requests (503 `draining`) and answers those it accepted.
+
+    An in-place update of the app's user_config (`reconfigure`, no restart), which Serve applies
+    to each replica and reports done once every replica has drained; bounded by the graceful
+    timeout plus a margin, so a stuck update cannot hold the stop."""
+    log.info("stopping: answering the requests already accepted (at most %g s), refusing new ones",
+             settings.graceful_shutdown_timeout_s)
+    update = threading.Thread(target=serve.run, daemon=True, args=(build_app(settings, draining=True),),
+                              kwargs={"name": name, "route_prefix": route_prefix})
+    update.start()
+    update.join(settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S)
+
+
 def serve_until_stopped(settings: ServeConfig, started: Callable[[], None]) -> None:
     """`xray-ray serve`, inside its Ray session: deploy, call `started`, then serve until Ctrl-C or SIGTERM
     (which the session turns into KeyboardInterrupt).
@@ -239,7 +290,7 @@ def serve_until_stopped(settings: ServeConfig, started: Callable[[], None]) -> N
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("stopping")
+        drain(settings)
     finally:
         if not started_local_ray():
             with stop_signals_ignored():

@@ -22,11 +22,14 @@ RAW_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/tiff", "image/b
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP status, a short error code and a readable reason."""
+    """A request the service refuses: HTTP status, a short error code, a readable reason and the headers the
+    status calls for (WWW-Authenticate with a 401, Retry-After with a 503)."""
 
-    def __init__(self, status: int, error: str, reason: str) -> None:
+    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason = status, error, reason
+        self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        self.headers.update(headers or {})
 
 
 class BodyBudget:
