@@ -273,12 +273,13 @@ def test_a_part_damaged_inside_is_found_when_its_run_is_read_in_full(tmp_path):
     assert len(read_predictions(folder)) == 8
 
 
-def test_files_whose_failure_may_pass_are_tried_again(tmp_path):
+def test_files_the_model_or_our_code_failed_on_are_scored_again_and_unread_ones_keyed_by_path_and_code(tmp_path):
     out = tmp_path / "out"
     codes = ["", "not_an_image", "model_failed", "changed_while_read", "outside_archive", "internal_error:MemoryError"]
     _write_part(out / "night1", out, [_prediction_rows([f"/a/{c or 'ok'}.png" for c in codes], codes=codes,
                                                        unread=("changed_while_read", "outside_archive"))])
-    assert _keys(out) == {ledger.row_key("", "/a/ok.png"), ledger.row_key("", "/a/not_an_image.png")}
+    unread = {ledger.row_key("", f"/a/{c}.png", c) for c in ("changed_while_read", "outside_archive")}
+    assert _keys(out) == {ledger.row_key("", "/a/ok.png"), ledger.row_key("", "/a/not_an_image.png"), *unread}
 
     _write_part(out / "night1", out, [_prediction_rows(["/a/model_failed.png"])])  # the same run, run again
     rows = read_predictions(out / "night1")

@@ -82,7 +82,7 @@ def test_known_keys_and_ledger_reconcile(tmp_path):
     digests = [sha256_hex(bytes([i])) for i in range(50)]
     known = ledger.KnownKeys(digests[:25])
     assert all(d in known for d in digests[:25]) and not any(d in known for d in digests[25:])
-    assert ledger.row_key("", "/a.png") != ledger.row_key("", "/b.png")  # unreadable files: keyed by path
+    assert ledger.row_key("", "/a.png") != ledger.row_key("", "/b.png")  # unreadable files: keyed by path (and code)
 
     part = tmp_path / "night1" / ledger.PARTS_DIR / "part-00001.parquet"
     part.parent.mkdir(parents=True)
@@ -91,7 +91,7 @@ def test_known_keys_and_ledger_reconcile(tmp_path):
     assert len(ledger.known_keys(tmp_path, "v1")) == 0  # a part committed, its ledger entry not yet written
     assert ledger.repair(tmp_path).rebuilt == 1 and ledger.repair(tmp_path).rebuilt == 0
     keys = ledger.known_keys(tmp_path, "v1")
-    assert digests[0] in keys and len(keys) == 1  # a file that could not be read is looked at again
+    assert digests[0] in keys and ledger.row_key("", "/b.png") in keys and len(keys) == 2  # unread: path and code
     assert len(ledger.known_keys(tmp_path, "v2")) == 0
 
 
@@ -132,7 +132,7 @@ def test_exit_codes_for_bad_configuration_model_and_archive(tmp_path, compact_mo
     cases = [
         (["--archive", str(tmp_path / "missing"), "--model", model, "--out", out], 4, "archive folder not found"),
         (["--archive", str(archive_dir), "--model", str(tmp_path), "--out", out], 3, "model_card.json is missing"),
-        (["--archive", str(archive_dir), "--model", model, "--out", out, "--batch-size", "0"], 2, "--batch-size"),
+        (["--archive", str(archive_dir), "--model", model, "--out", out, "--batch-size", "0"], 2, "score.batch_size"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--review-threshold", "2"], 2, "between 0"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--labels", "nope.csv"], 2, "--labels"),
         (["--archive", str(archive_dir), "--out", out], 2, "--model is required"),

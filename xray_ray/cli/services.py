@@ -44,7 +44,9 @@ def score(config: Config, address: str = ADDRESS_OPTION) -> None:
 
     Exit code 0 when the run completed (any file that cannot be scored, for whatever reason, becomes an error row
     with a code), 2 for a bad configuration, 3 for an unusable model (or no running Serve app, or not the
-    --expect-version), 4 for an unreachable archive.
+    --expect-version), 4 for an unreachable archive, 5 when the --out folder's disk lacks the space the run needs
+    (checked before Ray starts, and when the disk fills up during the run: what was committed stays, and the same
+    command completes the run once there is space).
     """
     from xray_ray.scoring.preflight import ScoreError, check_run
     from xray_ray.scoring.run import score as run_scoring

@@ -144,6 +144,15 @@ def walk(root: str | Path, exclude: Iterable[str | Path] = (), roots: Iterable[s
         stack.extend(reversed(subfolders))  # depth first: the stack holds folders, never files
 
 
+def walk_all(roots: list[Path], exclude: Path, follow_symlinks: bool = False) -> Iterator[Found]:
+    """`walk` over every archive root in turn (each may link into the others), never entering `exclude`.
+
+    The one list of a run's entries: discovery writes it out, the free-space check counts it.
+    """
+    for root in roots:
+        yield from walk(root, exclude=[exclude], roots=roots, follow_symlinks=follow_symlinks)
+
+
 def class_folder_label(path: str, root: str) -> str | None:
     """The class of the nearest folder between `root` and `path` named after one, else None."""
     relative = Path(os.path.relpath(path, root))

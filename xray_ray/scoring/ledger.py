@@ -1,11 +1,30 @@
 """The scoring ledger: what has been scored, by content hash and model version; kept intact across power losses.
 
 It lives in `<out>/ledger/` as one small Parquet file per committed predictions part
-(`<run>--part-00001.parquet`). A file is keyed by its content (sha256), so a renamed or
-copied image is not scored twice; a file that could not even be read has no hash and is
-keyed by its path instead. The predictions part is the commit point; parts and ledger
-files are written atomically and durably (`files.atomic_path`: temp file, fsync, rename,
-fsync the folder), so they count only once they are on disk.
+(`<run>--part-00001.parquet`). The predictions part is written first, then its ledger
+file, each atomically and durably (`files.atomic_path`: temp file, fsync, rename, fsync the
+folder), so they count only once they are on disk. When the ledger file cannot be written
+(a full disk) the writer takes its part back (`run._write_part`), so a failed run leaves no
+part without its ledger file and no ledger file without its part; after a crash between the
+two writes, `repair` rebuilds the ledger file from the part.
+
+One rule decides whether a file gets a new row; every place that deduplicates rows follows it
+(`row_key`, `known_keys`, the read stage's check, `run.read_predictions` within a run):
+
+- a file that was read is keyed by its content (sha256), so a renamed or copied image is not
+  scored twice: once the ledger holds its key for a model version it gets no new row from that
+  version, unless the model or our own code failed on it (`RETRIED_CODES`, `internal_error:*`),
+  which the next run tries again;
+- an entry with no content to hash (a broken link, a symlink loop, a folder or file that could
+  not be read, a file refused before reading: not a regular file, over the size cap, outside
+  the archive, changed while read) is keyed by its path and error code. Every run looks at it
+  again (that costs no decoding and follows the run's options): read now, it has a content hash
+  and is a new key; failing another way, it is a new key too; failing the same way, it gets no
+  new row but comes back from the read stage as `STILL_FAILING`, which the run lists in that
+  night's report (rows, errors.csv, the page) without committing it.
+
+So re-running into the same `--out` never adds a second row for a path that fails the same way,
+and each night's report still lists everything that is failing.
 
 `repair`, run under the output lock before every run, makes the ledger agree with the
 committed parts whatever happened before (a driver killed between two writes, a power
@@ -16,12 +35,6 @@ loss, a disk that returned zeros):
 - a ledger file that cannot be read, or whose part is gone, is moved there too;
 - a readable part without its ledger file gets it rebuilt from the part;
 - temp files left by an interrupted write are removed.
-
-Rows whose failure may pass are recorded but not "known", so the next run tries those
-files again: files that could not be read at all (no content hash: unreadable, not a
-regular file, over the size cap, outside the archive, changed while read; looking again
-costs no decoding and follows the run's options) and files the model or our own code
-failed on (`RETRIED_CODES`, `internal_error:*`).
 """
 
 from __future__ import annotations
@@ -48,15 +61,19 @@ LEDGER_COLUMNS = ["key", "model_version", "sha256", "path", "status", "error_cod
 MODEL_FAILED = "model_failed"
 RETRIED_CODES = frozenset({MODEL_FAILED})
 """Error codes of read files that the next run tries again (also any `internal_error:*`)."""
+STILL_FAILING = "still_failing"
+"""Status the read stage gives an entry with no content hash whose path and error code the ledger already holds
+for this model version: the run lists it in the night's report as an error and commits no row for it."""
 
 
-def row_key(sha256: str, path: str) -> str:
-    """The ledger key of a file: its content hash, or a hash of its path when it could not be read."""
-    return sha256 or hashlib.sha256(f"unreadable:{path}".encode()).hexdigest()
+def row_key(sha256: str, path: str, code: str = "") -> str:
+    """The ledger key of a row: its content hash, or, for an entry with no content to hash, a hash of its path and
+    error code (the module's rule)."""
+    return sha256 or hashlib.sha256(f"unread:{code}:{path}".encode()).hexdigest()
 
 
 def is_retried(code: str) -> bool:
-    """True for an error code whose file the next run should try again."""
+    """True for the error code of a read file that the next run should score again (the model or our code failed)."""
     return code in RETRIED_CODES or code.startswith("internal_error")
 
 
@@ -82,8 +99,8 @@ def _entry_path(out: Path, run: str, part: Path) -> Path:
 def record(out: str | Path, run: str, part: str | Path, predictions: pd.DataFrame) -> None:
     """Write the ledger file of one committed predictions part of `run`."""
     entry = predictions.reindex(columns=["model_version", "sha256", "path", "status", "error_code", "scored_at"])
-    entry["error_code"] = entry["error_code"].fillna("")
-    entry.insert(0, "key", [row_key(s, p) for s, p in zip(entry["sha256"], entry["path"])])
+    entry[["sha256", "error_code"]] = entry[["sha256", "error_code"]].fillna("")
+    entry.insert(0, "key", [row_key(s, p, c) for s, p, c in zip(entry["sha256"], entry["path"], entry["error_code"])])
     entry["run"] = run
     with atomic_path(_entry_path(Path(out), run, Path(part))) as tmp:
         entry[LEDGER_COLUMNS].to_parquet(tmp, index=False)
@@ -176,15 +193,16 @@ def repair(out: str | Path, read_in_full: str | Path | None = None) -> Repair:
 
 
 def known_keys(out: str | Path, model_version: str) -> KnownKeys:
-    """The keys of every file already scored (ok, or an error that retrying would not change) by `model_version`."""
+    """The keys `model_version` needs no new row for (the module's rule): files read and answered or refused for
+    good, and entries with no content to hash, by path and error code."""
     keys = []
     for entry in sorted((Path(out) / LEDGER_DIR).glob("*.parquet")):
         frame = _readable(entry, ["key", "model_version", "sha256", "error_code"])
         if frame is None:  # damaged after `repair`: its files are simply scored again
             continue
         codes = frame["error_code"].fillna("") if "error_code" in frame else pd.Series("", index=frame.index)
-        read = frame["sha256"].fillna("").astype(bool) if "sha256" in frame else True
-        settled = (frame["model_version"] == model_version) & read & ~codes.map(is_retried)
+        read = frame["sha256"].fillna("").astype(bool) if "sha256" in frame else False
+        settled = (frame["model_version"] == model_version) & ~(read & codes.map(is_retried))
         keys.extend(frame.loc[settled, "key"])
     return KnownKeys(keys)
 

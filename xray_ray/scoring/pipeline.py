@@ -5,7 +5,8 @@
 `read_chunks` takes a file-list chunk (a Parquet file of paths written by discovery) and
 yields small batches as it goes, so one task's output streams to the actors while it
 reads on. `read_and_prepare` reads each file, hashes it, drops it when the ledger already knows it
-(before decoding, so a re-run costs only reading and hashing) and decodes and preprocesses
+(before decoding, so a re-run costs only reading and hashing; an entry that still cannot be read
+is marked `ledger.STILL_FAILING` instead) and decodes and preprocesses
 it with `images`, the same code as training. Any failure for one file (reading, hashing,
 decoding, preprocessing, whatever the exception) makes that file an error row with a code
 and a reason (`images.decode.describe_failure`: the decoder's code, or `internal_error:<type>`),
@@ -32,7 +33,7 @@ from xray_ray.files import sha256_hex
 from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
 from xray_ray.images.decode import describe_failure, read_bytes
 from xray_ray.images.preprocess import decode_and_preprocess
-from xray_ray.scoring.ledger import MODEL_FAILED, row_key
+from xray_ray.scoring.ledger import MODEL_FAILED, STILL_FAILING, row_key
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ def unpack(planes: np.ndarray) -> np.ndarray:
 
 def _prepare_file(path: str, found_error: str, found_code: str, image_size: int, known,
                   limits: DecodeLimits, seconds: dict[str, float]) -> tuple | None:
-    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows it.
+    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows its content.
 
+    An entry that cannot be read is looked at every run: when the ledger holds its path and error code already
+    its status is `STILL_FAILING` (listed in the night's report, not committed again; `scoring.ledger`'s rule).
     The time spent reading, hashing and decoding is added to `seconds`.
     """
     sha256, size, data = "", -1, b""
@@ -75,7 +78,8 @@ def _prepare_file(path: str, found_error: str, found_code: str, image_size: int,
         seconds["read"] += read - started
         seconds["hash"] += time.perf_counter() - read
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
-        return None if row_key(sha256, path) in known else (path, sha256, size, "error", *describe_failure(exc), None)
+        code, reason = describe_failure(exc)
+        return path, sha256, size, STILL_FAILING if row_key("", path, code) in known else "error", code, reason, None
     if row_key(sha256, path) in known:
         return None
     started = time.perf_counter()

@@ -21,7 +21,13 @@ Scoring stays inside the archive folders: symlinks that lead outside them become
 
 Errors that stop a run before it starts are `ScoreError`s with an exit code: 2 bad
 configuration, 3 unusable model (or no running Serve app, or not the version expected),
-4 unreachable archive. Anything that goes wrong for one file is that file's error row.
+4 unreachable archive, 5 not enough free space in `out` (`preflight.check_space`). A disk
+that fills up during the run ends it with exit 5 too: the write that failed leaves nothing
+behind (temp files are removed, a part whose ledger file could not be written is taken back),
+the file list is removed to give space back, and what was committed stays, so running the
+same command once there is space completes the run. Anything that goes wrong for one file is
+that file's error row; an entry that still cannot be read (`ledger.STILL_FAILING`) is listed
+in the night's report without a new row.
 """
 
 from __future__ import annotations
@@ -37,13 +43,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from xray_ray.files import atomic_path, atomic_write_text
+from xray_ray.files import atomic_path, atomic_write_text, fsync_folder
 from xray_ray.config_services import ScoreConfig
 from xray_ray.ray_runtime import metrics_url, require_ray
 from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
 from xray_ray.scoring.metrics import LiveRunMetrics, write_textfiles
-from xray_ray.scoring.preflight import ModelInfo, RunInputs, ScoreError, check_run, model_info
+from xray_ray.scoring.preflight import (
+    ModelInfo,
+    RunInputs,
+    ScoreError,
+    check_run,
+    ends_on_full_disk,
+    model_info,
+)
 from xray_ray.scoring.pipeline import (
     PREDICTION_COLUMNS,
     ActorScorer,
@@ -107,29 +120,43 @@ def write_file_list(roots: list[Path], folder: Path, exclude: Path, chunk_rows: 
             counts["files"] += len(chunk)
             chunk.clear()
 
-    for root in roots:
-        for found in archive.walk(root, exclude=[exclude], roots=roots, follow_symlinks=follow_symlinks):
-            chunk.append((found.path, found.error, found.code))
-            counts["walk_errors"] += bool(found.error)
-            if len(chunk) == chunk_rows:
-                flush()
+    for found in archive.walk_all(roots, exclude, follow_symlinks):
+        chunk.append((found.path, found.error, found.code))
+        counts["walk_errors"] += bool(found.error)
+        if len(chunk) == chunk_rows:
+            flush()
     flush()
     return counts
 
 
-def _write_part(folder: Path, out: Path, frames: list[pd.DataFrame]) -> int:
-    """Commit rows as the next predictions part, then its ledger file; returns the rows written."""
-    if not frames:
-        return 0
+def _as_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The pipeline's batches as prediction rows, typed as parts store them (size unknown: null; times in UTC)."""
     frame = pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
     frame["size"] = frame["size"].astype("Int64").mask(frame["size"] < 0)
     frame["scored_at"] = pd.to_datetime(frame["scored_at"]).dt.tz_localize("UTC")
+    return frame
+
+
+def _write_part(folder: Path, out: Path, frames: list[pd.DataFrame]) -> int:
+    """Commit rows as the next predictions part, then its ledger file; returns the rows written.
+
+    A part counts only with its ledger file: when that cannot be written (a full disk) the part is removed again
+    before the error goes on, so the ledger and the parts agree (`scoring.ledger`).
+    """
+    if not frames:
+        return 0
+    frame = _as_rows(frames)
     parts = folder / ledger.PARTS_DIR
     number = 1 + max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=0)
     part = parts / f"part-{number:05d}.parquet"
     with atomic_path(part) as tmp:
         frame.to_parquet(tmp, index=False)
-    ledger.record(out, folder.name, part, frame)
+    try:
+        ledger.record(out, folder.name, part, frame)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        fsync_folder(parts)
+        raise
     return len(frame)
 
 
@@ -145,6 +172,14 @@ def read_predictions(folder: str | Path) -> pd.DataFrame:
     frame = pd.concat([pd.read_parquet(p).reindex(columns=PREDICTION_COLUMNS) for p in parts], ignore_index=True)
     frame["error_code"] = frame["error_code"].fillna("")
     return frame.drop_duplicates(subset="path", keep="last").reset_index(drop=True)
+
+
+def _night_rows(folder: Path, still: pd.DataFrame) -> pd.DataFrame:
+    """What the night's report shows: the run's committed rows, and the entries still failing since an earlier
+    night (`ledger.STILL_FAILING`), which have no row in this run."""
+    committed = read_predictions(folder)
+    frames = [frame for frame in (committed, still[~still["path"].isin(committed["path"])]) if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else committed
 
 
 def plan(options: ScoreConfig) -> PoolPlan:
@@ -167,8 +202,9 @@ def _scorer(options: ScoreConfig) -> tuple[type, dict]:
 
 
 def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
-                 out: Path, times: StageTimes, live: LiveRunMetrics) -> int:
-    """Run the pipeline over the file list, committing parts as rows arrive; returns rows written."""
+                 out: Path, times: StageTimes, live: LiveRunMetrics, state: dict) -> pd.DataFrame:
+    """Run the pipeline over the file list, committing parts as rows arrive (`state["scored_now"]` counts their
+    rows); returns the still-failing entries' rows, which are reported, not committed."""
     import ray  # heavy: imported where the pipeline is built
 
     scorer, kwargs = _scorer(options)
@@ -187,20 +223,27 @@ def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelI
     # output (files_per_task images) into one block, so the actors wait for a whole task's reading and the
     # first rows wait for a whole task's predictions.
     ds.context.target_max_block_size = max(options.batch_size * info.image_size**2, 2**16)
-    written, pending, rows = 0, [], 0
+    pending, rows, still = [], 0, []
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         times.mark("first_result_s")
+        repeated = batch["status"] == ledger.STILL_FAILING
+        batch.loc[repeated, "status"] = "error"
         times.add_rows(batch)
         live.add(batch)
-        pending.append(batch)
-        rows += len(batch)
+        if repeated.any():
+            still.append(batch[repeated])
+            batch = batch[~repeated]
+        if len(batch):
+            pending.append(batch)
+            rows += len(batch)
         if rows >= options.commit_rows:
             with times.measure("write"):
-                written += _write_part(folder, out, pending)
-            log.info("%d rows committed", written)
+                state["scored_now"] += _write_part(folder, out, pending)
+            log.info("%d rows committed", state["scored_now"])
             pending, rows = [], 0
     with times.measure("write"):
-        return written + _write_part(folder, out, pending)
+        state["scored_now"] += _write_part(folder, out, pending)
+    return _as_rows(still) if still else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
 
 def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
@@ -214,14 +257,15 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
     info = checked.info or model_info(options)  # the Serve backend's model is asked through Ray
     pool = plan(options)
     log.info("scoring pool: %s", pool.describe())
-    with _locked(out):
+    state = {"scored_now": 0}
+    with _locked(out), ends_on_full_disk(out, options, checked.rows, state):
         ledger.repair(out)  # first: everything after reads parts and ledger files
         folder = run_folder(out, options.run, info.version)
         ledger.repair(out, read_in_full=folder)  # the parts the report will read, checked in full
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        state = {"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
-                 "status": "running", "archives": [str(r) for r in roots], "options": asdict(options),
-                 "baseline": info.baseline}
+        state.update({"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
+                      "status": "running", "archives": [str(r) for r in roots], "options": asdict(options),
+                      "baseline": info.baseline})
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         known = ledger.known_keys(out, info.version)
         files = folder / ".work" / "files"
@@ -232,15 +276,18 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
                  len(known), info.version)
         live = LiveRunMetrics(folder.name, info.version)
         log.info("run %s: live metrics at %s", folder.name, metrics_url())
-        written = _score_files(options, pool, files, info, known, folder, out, times, live) if counts["files"] else 0
+        still = _score_files(options, pool, files, info, known, folder, out, times, live, state) \
+            if counts["files"] else pd.DataFrame(columns=PREDICTION_COLUMNS)
         shutil.rmtree(folder / ".work", ignore_errors=True)
-        state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     found=counts["files"], scored_now=written, skipped_already_scored=counts["files"] - written,
+        written = state["scored_now"]
+        state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), found=counts["files"],
+                     still_failing=len(still), skipped_already_scored=counts["files"] - written - len(still),
                      pool=asdict(pool))
         with times.measure("report"):
-            summary = write_report(folder, read_predictions(folder), state, roots, truth,
+            summary = write_report(folder, _night_rows(folder, still), state, roots, truth,
                                    threshold=options.review_threshold, top_n=options.top_n, explain=options.explain,
                                    model=options.model, engine=options.engine)
+        summary["still_failing"] = len(still)
         state["timing"] = summary["timing"] = times.as_dict(written)
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         write_json(folder / "report" / "summary.json", summary)
