@@ -135,8 +135,9 @@ def test_exit_codes_for_bad_configuration_model_and_archive(tmp_path, compact_mo
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--batch-size", "0"], 2, "score.batch_size"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--review-threshold", "2"], 2, "between 0"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--labels", "nope.csv"], 2, "--labels"),
-        (["--archive", str(archive_dir), "--out", out], 2, "--model is required"),
-        (["--archive", str(archive_dir), "--model", model, "--out", out, "--backend", "spark"], 2, "--backend"),
+        (["--archive", str(archive_dir), "--out", out], 2, "(--model, score.model) is required"),
+        (["--archive", str(archive_dir), "--model", model, "--out", out, "--backend", "spark"], 2,
+         "score.backend must be one of"),
         (["--archive", str(archive_dir), "--model", model, "--out", out, "--expect-version", "other"], 3,
          "not the expected 'other'"),
         # The session's Ray has 2 CPUs: two 1-CPU actors would leave none for reading, and the job would hang.
