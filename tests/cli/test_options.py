@@ -66,7 +66,8 @@ def test_flags_beat_set_which_beats_the_yaml_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["score", "--archive", "a", "--out", "o", "--model", "m", "--batch-size", "0"], "score.batch_size must be at least 1"),
+    (["score", "--archive", "a", "--out", "o", "--model", "m", "--batch-size", "0"],
+     "score.batch_size must be at least 1"),
     (["score", "--archive", "a", "--out", "o", "--set", "score.backend=cloud"], "score.backend must be one of"),
     (["serve", "--model", "m", "--max-batch-size", "16", "--max-ongoing-requests", "4"], "max_ongoing_requests"),
     (["serve", "--set", "serve.nope=1"], "unknown setting(s) in serve.: nope"),
