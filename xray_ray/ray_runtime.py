@@ -121,6 +121,18 @@ def _connect(num_cpus: int | None, address: str | None, log_to_driver: bool, tem
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def local_ray_stopping() -> bool:
+    """True when this process started its Ray and one of that Ray's own processes (GCS, raylet, agents) has
+    exited: it was told to stop too (systemd's control-group stop signals every process), so nothing in it
+    can still answer, and waiting on it would only delay the stop. False for a joined cluster."""
+    if not _local_ray_started:
+        return False
+    from ray._private import worker  # Ray's node object knows the processes it started (Ray is pinned)
+
+    node = getattr(worker, "_global_node", None)
+    return bool(node is not None and node.dead_processes())
+
+
 def ray_connected() -> bool:
     """True when this process is connected to a Ray (a session's, or the Ray of the worker it runs in)."""
     ray = sys.modules.get("ray")  # never imported: never connected, and no reason to import it here

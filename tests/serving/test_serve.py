@@ -405,7 +405,7 @@ def test_settings_refuse_batches_that_cannot_fill(compact_model, tmp_path):
         settings_for(compact_model[0], max_batch_size=16, max_ongoing_requests=5)
     with pytest.raises(ValueError, match="model_card.json"):
         settings_for(tmp_path)
-    assert settings_for(compact_model[0], max_batch_size=16, max_queued_requests=8).ongoing_requests == 48
+    assert settings_for(compact_model[0], max_batch_size=16, max_queued_requests=8).ongoing_requests == 4 * 24
 
 
 def test_serve_config_yaml_is_valid_and_builds_the_app(compact_model):

@@ -37,7 +37,7 @@ from xray_ray.files import sha256_hex
 from xray_ray.loopback import bind_serve_replicas_to_loopback
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import process_footprint, stop_signals_ignored
-from xray_ray.ray_runtime import require_ray, started_local_ray
+from xray_ray.ray_runtime import local_ray_stopping, require_ray, started_local_ray
 from xray_ray.serving.admission import Admission
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_MARGIN_S = 3.0
 """Beyond the graceful timeout, how long a stop waits for Serve to report the replicas drained."""
+DRAIN_POLL_S = 0.2
+"""How often a draining stop checks whether Ray itself is stopping too."""
 
 
 bind_serve_replicas_to_loopback()  # a replica imports this module before it starts its gRPC server
@@ -192,7 +194,8 @@ class XrayClassifier:
     def model(self, request: Request) -> dict:
         """The model's public card (version, classes, metrics, settings; no paths), the engine, how this replica serves."""
         self._authorize(request)
-        serving = {key: value for key, value in asdict(self.settings).items() if key not in ("token_file", "model")}
+        private = ("token_file", "insecure_no_token", "model")
+        serving = {key: value for key, value in asdict(self.settings).items() if key not in private}
         serving.update(max_ongoing_requests=self.settings.ongoing_requests, decode_slots=decode_slots(self.settings),
                        memory_budget_mb=memory_budget_mb(self.settings))
         return {"card": self.classifier.card.public(), "runtime": {**self.classifier.describe(), **process_footprint()},
@@ -225,14 +228,10 @@ def build_app(settings: ServeConfig, draining: bool = False):
     """The Serve application for `settings` (checked: `settings.checked_model`), with replicas, CPUs, GPUs,
     concurrency and the stop's grace applied; `draining` is the replicas' in-place state (`reconfigure`).
 
-    Serve sends each replica up to `ongoing_requests`, which by default leaves room beyond the
-    replica's own bound, so an overloaded replica itself sheds the excess with a JSON 503; Serve's
-    queue in front of the replicas is bounded too (its own 503 with Retry-After).
-
-    The deployment's version is the settings' digest: Serve gives a deployment without one a
-    random version on every `serve.run`, which replaces the replicas; with it, a change of
-    `draining` alone is applied in place (`reconfigure`), no replica restarted. (Serve keeps
-    `version` behind `_internal` since 2.x; Ray is pinned to the version this was tested with.)"""
+    Serve sends each replica up to `ongoing_requests`, beyond the replica's own bound, so the replica
+    itself sheds the excess with a JSON 503. The version is the settings' digest: without one Serve
+    gives each `serve.run` a random version and replaces the replicas; with it a change of `draining`
+    alone is applied in place (`reconfigure`). (`version` is behind `_internal`; Ray is pinned.)"""
     version = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:16]
     return XrayClassifier.options(
         version=version, _internal=True,
@@ -272,7 +271,12 @@ def drain(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str =
     update = threading.Thread(target=serve.run, daemon=True, args=(build_app(settings, draining=True),),
                               kwargs={"name": name, "route_prefix": route_prefix})
     update.start()
-    update.join(settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S)
+    deadline = time.monotonic() + settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
+    while update.is_alive() and time.monotonic() < deadline:
+        if local_ray_stopping():  # Ray itself was signalled too: nothing is left to drain
+            log.info("Ray is stopping as well: no drain")
+            return
+        update.join(DRAIN_POLL_S)
 
 
 def serve_until_stopped(settings: ServeConfig, started: Callable[[], None]) -> None:
