@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,16 @@ def train_and_export(folder: Path, size: int, backbone: str = "efficientnetb1", 
     card = build_card(folder.name, config, training={"epochs_run": epochs, "train_images": len(x)},
                       index_fingerprint="test", split_counts={}, synthetic=True)
     return Exported(model, folder, export_model(model, folder, card))
+
+
+def copy_as(source: Path, target: Path, version: str, **card: object) -> Path:
+    """A copy of the model folder `source` whose card names `version` (and any other `card` fields): another
+    version of the same network, which the registry's gate compares as a retrained model."""
+    from xray_ray.model_folder.card import ModelCard
+
+    shutil.copytree(source, target)
+    ModelCard.read(target).update(version=version, **card)
+    return target
 
 
 POINTING_TOLERANCE = 15 / 224

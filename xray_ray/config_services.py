@@ -36,7 +36,10 @@ class ScoreConfig:
                                            "folders (default: outside_archive error rows).")
 
     # What answers
-    model: str | None = setting(None, "Exported model folder, e.g. models/NAME (required with the actors backend).")
+    model: str | None = setting(None, "Exported model folder, e.g. models/NAME (required with the actors backend, "
+                                      "unless score.registry names the model).")
+    registry: str | None = setting(None, "Model registry folder: score with its current model (instead of "
+                                         "score.model).")
     backend: str = setting("actors", "actors: the job's own Classifier actors; serve: the running Serve "
                                      "application's replicas.")
     engine: str = setting("auto", "auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras (actors "
@@ -84,6 +87,8 @@ class ScoreConfig:
             problems.append(f"score.read_cpus must be above 0, got {self.read_cpus}")
         if not 0 <= self.review_threshold <= 1:
             problems.append(f"score.review_threshold must be between 0 and 1, not {self.review_threshold}")
+        if self.model and self.registry:
+            problems.append("give score.model or score.registry, not both")
         if self.run is not None and (not self.run or self.run.startswith(".") or os.sep in self.run):
             problems.append(f"score.run must be a plain folder name, not {self.run!r}")
         if problems:
@@ -96,8 +101,9 @@ class ScoreConfig:
             needs.append("give at least one archive (--archive, score.archives)")
         if not self.out:
             needs.append("give the output folder (--out, score.out)")
-        if self.backend == "actors" and not self.model:
-            needs.append("a model folder (--model, score.model) is required with the actors backend")
+        if self.backend == "actors" and not (self.model or self.registry):
+            needs.append("a model folder (--model, score.model) or a registry (--registry, score.registry) is "
+                         "required with the actors backend")
         return needs
 
 
@@ -116,6 +122,10 @@ class ServeConfig:
 
     # The model
     model: str | None = setting(None, "Exported model folder (model.keras, model.onnx, model_card.json).")
+    registry: str | None = setting(None, "Model registry folder (instead of serve.model): serve its current model "
+                                         "and follow it when a promotion or rollback moves it.")
+    registry_poll_s: float = setting(2.0, "How often each replica looks at the registry's current model, in "
+                                          "seconds.")
     engine: str = setting("auto", "auto (ONNX Runtime when model.onnx is usable), onnxruntime or keras.")
     expect_version: str | None = setting(None, "Refuse to serve unless the model card names this version.")
 
@@ -151,6 +161,9 @@ class ServeConfig:
             "max_batch_size", "max_batch_files", "num_replicas", "port")}, 1)
         problems += _problems_of_counts("serve", {name: getattr(self, name) for name in (
             "batch_wait_timeout_s", "num_cpus", "num_gpus", "max_queued_requests", "graceful_shutdown_timeout_s")}, 0)
+        problems += _problems_of_counts("serve", {"registry_poll_s": self.registry_poll_s}, 0.1)
+        if self.model and self.registry:
+            problems.append("give serve.model or serve.registry, not both")
         problems += _problems_of_counts("serve", {"max_queue_wait_s": self.max_queue_wait_s,
                                                   "retry_after_s": self.retry_after_s}, 0.001)
         if self.engine not in ENGINES:

@@ -65,7 +65,7 @@ def test_jobs_run_on_the_rayclusters_head_with_its_volumes():
     assert not _mount_for(score["--out"], head).get("readOnly"), "outputs and ledger need a writable volume"
     for pod in (head, *workers):  # read tasks and actors run on the workers
         assert _mount_for(score["--archive"], pod)["readOnly"], "the archive must be mounted read-only"
-        assert _mount_for(score["--model"], pod)["readOnly"]
+        assert _mount_for(score["--registry"], pod)["readOnly"]
         assert _mount_for(tune["--index"], pod)["readOnly"]
     assert env(head)["XRAY_RAY_HOME"].startswith("/mnt/shared/")  # models and reports outlive the head pod
     assert not _mount_for("/mnt/shared", head).get("readOnly")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.kube import MANIFESTS, REPO, mounts, pod_templates, the
+from tests.deploy.kube import REPO, mounts, pod_templates, the
 from xray_ray.config import CLASS_NAMES, SERVE_APP_NAME
 from xray_ray.model_folder.card import CARD_FILE
+from xray_ray.model_folder.registry import CURRENT_FILE
 from xray_ray.config_services import ServeConfig
 from xray_ray.serving.settings import checked_model
 
@@ -40,27 +41,30 @@ def test_it_is_the_application_of_configs_serve_yaml(application):
     assert {key: application[key] for key in ("name", "route_prefix", "import_path")} == \
         {key: reference[key] for key in ("name", "route_prefix", "import_path")}
     assert application["import_path"] == "xray_ray.serving.app:app_builder"
-    assert set(reference["args"]) <= set(application["args"])
+    assert set(reference["args"]) - {"model"} <= set(application["args"])  # the cluster follows a registry
 
 
-def _card(folder) -> None:
-    """The smallest card ModelCard accepts: the classes, an input size and a version."""
-    (folder / CARD_FILE).write_text(json.dumps({"classes": list(CLASS_NAMES), "input": {"size": 64}, "version": "m-1"}))
+def _registry(folder: Path) -> Path:
+    """The smallest registry the app builder accepts: a current model whose card holds the classes, an input
+    size and a version."""
+    (folder / "models" / "m-1").mkdir(parents=True)
+    (folder / "models" / "m-1" / CARD_FILE).write_text(json.dumps({"classes": list(CLASS_NAMES), "input": {"size": 64},
+                                                                  "version": "m-1"}))
+    (folder / CURRENT_FILE).write_text(json.dumps({"version": "m-1", "folder": "models/m-1"}))
+    return folder
 
 
 def test_its_args_build_serve_settings(application, tmp_path):
     fields = {field.name for field in dataclasses.fields(ServeConfig)}
     args = application["args"]
     assert set(args) <= fields, f"not `serve:` settings: {set(args) - fields}"
-    _card(tmp_path)  # the app builder reads the model folder's card
-    settings = checked_model(ServeConfig(**{**args, "model": str(tmp_path)}))
+    settings = checked_model(ServeConfig(**{**args, "registry": str(_registry(tmp_path))}))  # it reads the card
     assert settings.ongoing_requests >= settings.max_batch_size
 
 
 def test_a_broken_args_set_is_refused(application, tmp_path):
-    _card(tmp_path)
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        ServeConfig(**{**application["args"], "model": str(tmp_path), "max_ongoing_requests": 1})
+        ServeConfig(**{**application["args"], "max_ongoing_requests": 1})
 
 
 def _pods():
@@ -85,16 +89,17 @@ def test_listening_beyond_loopback_requires_a_token_from_a_secret(serve_config, 
         assert items[str(Path(token_file).relative_to(mount["mountPath"]))] == "token"
 
 
-def test_the_model_is_on_a_read_only_volume_of_every_pod(application):
+def test_the_registry_is_on_a_read_only_volume_of_every_pod(application):
     for pod in _pods():
-        mount, volume = _mounted(application["args"]["model"], pod)
+        mount, volume = _mounted(application["args"]["registry"], pod)
         assert mount["readOnly"] and volume["persistentVolumeClaim"]["readOnly"]
 
 
-def test_upgrading_the_model_changes_one_field(application):
-    """The model folder is named once in the manifest: changing `args.model` is the whole upgrade."""
-    assert (MANIFESTS / "rayservice.yaml").read_text().count(application["args"]["model"]) == 1
-    assert (MANIFESTS / "rayservice.yaml").read_text().count("CHANGE to upgrade") == 1
+def test_the_service_and_the_nightly_job_follow_the_same_registry(application):
+    """Upgrades go through `xray-ray promote`: the manifest names the registry, never a model folder."""
+    assert "model" not in application["args"]
+    nightly = the("RayCronJob")["spec"]["jobTemplate"]["entrypoint"].split()
+    assert nightly[nightly.index("--registry") + 1] == application["args"]["registry"]
 
 
 def test_serve_deploy_schema_refuses_a_broken_config(serve_config):

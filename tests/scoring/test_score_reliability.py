@@ -263,3 +263,19 @@ def test_summary_breaks_the_run_down_by_stage_and_the_default_pool_fits_the_clus
     assert saved["timing"] == timing
     pool = json.loads((tmp_path / "out" / "timed" / "run.json").read_text())["pool"]
     assert pool == {"min_actors": 1, "max_actors": 1, "cpus_per_actor": 1.5, "gpus_per_actor": 0.0, "read_cpus": 0.5}
+
+
+@pytest.mark.timeout(600)
+def test_scoring_with_a_registry_uses_its_current_model_and_follows_a_promotion(model, tmp_path):
+    from tests.helpers import copy_as
+    from xray_ray.model_folder import registry
+
+    archive, out, reg = _phantoms(tmp_path / "archive", per_class=1), tmp_path / "out", tmp_path / "reg"
+    first = registry.promote(reg, model)["to"]
+    night = score(ScoreConfig(archives=[str(archive)], registry=str(reg), out=str(out), run="night1"))
+    assert night["model_version"] == first and night["scored"] == 4
+    assert set(read_predictions(out / "night1")["model_version"]) == {first}
+    second = registry.promote(reg, copy_as(model, tmp_path / "retrained", "compact-promoted"))["to"]
+    again = score(ScoreConfig(archives=[str(archive)], registry=str(reg), out=str(out), run="night1"))
+    assert again["model_version"] == second and again["scored"] == 4  # the ledger rescores for a new version
+    assert set(read_predictions(out / again["run"])["model_version"]) == {second}

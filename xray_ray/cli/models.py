@@ -1,7 +1,8 @@
-"""`xray-ray train`, `evaluate`, `refit` and `tune`: making and judging models.
+"""`xray-ray train`, `evaluate`, `refit`, `tune`, `promote` and `rollback`: making, judging and releasing models.
 
 `train` and `tune` run inside one Ray session (Ray Data prepares their data, Tune runs the
-trials); `evaluate` and `refit` need no Ray (pandas splits, ONNX Runtime) and start none."""
+trials); `evaluate`, `refit` and the registry's commands need no Ray (pandas splits, ONNX
+Runtime) and start none."""
 
 from __future__ import annotations
 
@@ -143,3 +144,47 @@ def tune(
     if summary["errors"]:
         typer.echo(f"warning: {len(summary['errors'])} trial(s) failed for good: {summary['errors']}")
     typer.echo(f"report: {experiment.report_dir / 'index.html'}")
+
+
+REGISTRY_OPTION = typer.Option(..., "--registry", help="Model registry folder (created by the first promotion).")
+
+
+@app.command()
+def promote(
+    model: Path = typer.Option(..., help="Exported model folder to make the registry's current model."),
+    registry: Path = REGISTRY_OPTION,
+    force: bool = typer.Option(False, help="Skip the comparison with the current model (recorded as forced); the "
+                               "model's own checks and golden set are never skipped."),
+    reason: str = typer.Option("", help="Why, for the registry's history."),
+) -> None:
+    """Promote a model through the gate: it loads, reproduces its golden set, and is no worse than the current
+    model on the same test split; then the registry's current pointer moves (Serve and scoring follow)."""
+    from xray_ray.model_folder.registry import PromotionRefused
+    from xray_ray.model_folder.registry import promote as promote_model
+
+    try:
+        event = promote_model(registry, model, force=force, reason=reason)
+    except PromotionRefused as err:
+        raise fail(str(err), 3)
+    except (OSError, ValueError) as err:
+        raise fail(str(err))
+    was = f" (was {event['from']})" if event["from"] else ""
+    typer.echo(f"{event['to']} is the current model of {registry}{was}" + (" [forced]" if event["forced"] else ""))
+    if compared := event["figures"].get("current"):
+        new = event["figures"]["candidate"]
+        typer.echo("  " + ", ".join(f"{name} {compared[name]:.4f} -> {new[name]:.4f}"
+                                    for name in ("accuracy", "macro_f1", "ece")))
+
+
+@app.command()
+def rollback(registry: Path = REGISTRY_OPTION,
+             reason: str = typer.Option("", help="Why, for the registry's history.")) -> None:
+    """Make the model promoted before the current one current again (after its golden set is reproduced)."""
+    from xray_ray.model_folder.registry import PromotionRefused
+    from xray_ray.model_folder.registry import rollback as roll_back
+
+    try:
+        event = roll_back(registry, reason=reason)
+    except PromotionRefused as err:
+        raise fail(str(err), 3)
+    typer.echo(f"{event['to']} is the current model of {registry} again (was {event['from']})")

@@ -28,11 +28,12 @@ def serve_model(config: Config, address: str = ADDRESS_OPTION) -> None:
         check_exposure(settings.host, read_token(settings.token_file), settings.insecure_no_token)
     except (OSError, ValueError) as err:
         raise fail(str(err))
+    what = settings.model or f"the current model of the registry {settings.registry}"
     with ray_session(address):
         from xray_ray.serving.app import serve_until_stopped
 
         serve_until_stopped(settings, started=lambda: typer.echo(
-            f"serving {settings.model} at http://{settings.host}:{settings.port}/ (POST /predict, POST "
+            f"serving {what} at http://{settings.host}:{settings.port}/ (POST /predict, POST "
             f"/predict/batch, POST /explain, GET /healthz, GET /model, GET /stats); Prometheus metrics at "
             f"{metrics_url()}; Ctrl-C stops"))
 

@@ -24,6 +24,7 @@ MODEL_FILE = "model.keras"
 ONNX_FILE = "model.onnx"
 HEAD_FILE = "head.npz"
 OOD_FILE = "ood.npz"
+GOLDEN_FILE = "golden.npz"
 CARD_FILE = "model_card.json"
 ENGINES = ("auto", "onnxruntime", "keras")
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024
@@ -236,7 +237,7 @@ class ModelCard:
         """What may be shown to any client: version, classes, metrics and settings; no paths, no full config."""
         keep = ("name", "version", "created_at", "classes", "input", "preprocessing", "backbone", "weights",
                 "hyperparameters", "metrics", "calibration", "ood", "synthetic_data", "versions", "split_counts",
-                "index_fingerprint")
+                "index_fingerprint", "golden")
         shown = {key: self.data[key] for key in keep if key in self.data}
         shown["files"] = {name: {"sha256": entry.get("sha256")} for name, entry in self.data.get("files", {}).items()}
         if "onnx" in self.data:

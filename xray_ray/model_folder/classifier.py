@@ -29,6 +29,7 @@ from xray_ray.images.preprocess import preprocess
 from xray_ray.model_folder.calibration import Calibration
 from xray_ray.model_folder.card import HEAD_FILE, OOD_FILE, EngineUnavailableError, ModelCard
 from xray_ray.model_folder.engines import onnx_session, setup_tensorflow
+from xray_ray.model_folder import golden
 from xray_ray.model_folder.graph import OUTPUTS, inference_model, load_head
 from xray_ray.model_folder.ood import OodDetector
 
@@ -94,6 +95,17 @@ def load_detector(card: ModelCard) -> tuple[float | None, OodDetector | None]:
     return float(card["ood"]["threshold"]), OodDetector.load(card.verified_file(OOD_FILE))
 
 
+def check_before_workers(card: ModelCard) -> None:
+    """What a Serve replica or scoring actor will check when it loads `card`'s folder, checked once before any
+    starts, so a bad folder is refused with its reason instead of failing every worker: the folder loaded
+    on ONNX Runtime answers its golden set (GoldenSetError). Skipped where ONNX Runtime cannot run the folder:
+    the workers' Keras fallback checks it (TensorFlow stays out of this process)."""
+    try:
+        Classifier(card.folder, engine="onnxruntime", threads=1)
+    except EngineUnavailableError:
+        return
+
+
 class Classifier:
     """An exported model, ready to predict; cheap to call, expensive to construct (load once per process).
 
@@ -102,9 +114,13 @@ class Classifier:
     "keras". `threads` overrides ONNX Runtime's intra-op thread count (see `onnx_threads`).
     `raw` ignores the card's calibration and detector: the network's own answers, which is
     what fitting them (model_folder.reliability) needs, whatever the folder held before.
+    Otherwise the folder's golden set is answered once at load (`golden.check`; `check_golden`
+    False only while a new one is recorded): GoldenSetError when this engine, here, does not
+    reproduce it.
     """
 
-    def __init__(self, model_dir: str | Path, engine: str = "auto", threads: int | None = None, raw: bool = False):
+    def __init__(self, model_dir: str | Path, engine: str = "auto", threads: int | None = None, raw: bool = False,
+                 check_golden: bool = True):
         self.model_dir = Path(model_dir)
         self.card = ModelCard.read(self.model_dir)
         self.classes: list[str] = self.card.classes
@@ -132,6 +148,8 @@ class Classifier:
             self._run = self._load_keras(path)
         log.info("%s (%s) on %s%s", self.version, self.model_dir, self.engine,
                  f" [{self.provider}, {self.threads} threads]" if self.engine == "onnxruntime" else "")
+        if check_golden and not raw and not golden.check(self):  # GoldenSetError: this folder does not answer here as it did
+            log.warning("%s", golden.missing_reason(self.card))
 
     def _load_keras(self, path: Path) -> Runner:
         setup_tensorflow()

@@ -6,7 +6,8 @@ folder's own engine (ONNX Runtime when usable). The calibration is fitted on the
 validation split and measured on valid and test; the detector's Gaussians on the
 training split, its scale on held-out images, its threshold set for `OOD_FALSE_FLAG_RATE`
 of in-distribution images. The detector's arrays go to `ood.npz` (its digest in the
-card's `files`).
+card's `files`). Last, the folder as now calibrated answers its golden set (`golden`), which
+every later load must reproduce.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pandas as pd
 
 from xray_ray.files import atomic_path, sha256_file
 from xray_ray.model_folder.calibration import Calibration, calibration_metrics, choose_and_fit
-from xray_ray.model_folder.card import OOD_FILE, ModelCard
+from xray_ray.model_folder import golden
+from xray_ray.model_folder.card import GOLDEN_FILE, OOD_FILE, ModelCard
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.model_folder.ood import OUT_OF_FOLD_FOLDS, OodDetector, input_signature, threshold_for
 from xray_ray.reports.metrics import Evaluation, evaluate
@@ -106,4 +108,12 @@ def fit_and_measure(folder: str | Path, train: pd.DataFrame, valid: pd.DataFrame
     evaluations = {part: evaluate([card.classes[i] for i in fitted[part].labels], calibration.apply(fitted[part].raw))
                    for part in ("valid", "test")}
     card.update(metrics={part: e.as_dict() for part, e in evaluations.items()})
-    return card, fitted, evaluations
+    return record_golden_set(card, test), fitted, evaluations
+
+
+def record_golden_set(card: ModelCard, test: pd.DataFrame) -> ModelCard:
+    """Record the folder's golden set from its test split, answered by the folder as now calibrated, in
+    `golden.npz` and the card (whose `files` gets its digest)."""
+    section = golden.record(Classifier(card.folder, check_golden=False), test)
+    files = {**card.get("files", {}), GOLDEN_FILE: {"sha256": section["sha256"]}}
+    return card.update(golden=section, files=files)

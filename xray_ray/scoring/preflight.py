@@ -27,13 +27,14 @@ import contextlib
 import errno
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from xray_ray.config import CLASS_NAMES
 from xray_ray.config_services import ScoreConfig
 from xray_ray.model_folder.card import ModelCard
-from xray_ray.model_folder.classifier import load_detector
+from xray_ray.model_folder.classifier import check_before_workers, load_detector
+from xray_ray.model_folder.registry import current_folder
 from xray_ray.scoring import archive, ledger
 from xray_ray.scoring.pipeline import serve_handle
 
@@ -69,7 +70,8 @@ class ModelInfo:
 
 
 def model_info(options: ScoreConfig) -> ModelInfo:
-    """Check that the model (or the Serve app) can answer, without loading it here; ScoreError(3) if not."""
+    """Check that the model (or the Serve app) can answer: its card, detector and golden set
+    (`check_before_workers`), without starting Ray; ScoreError(3) if not."""
     if options.backend == "serve":
         try:
             info = serve_handle().describe.remote().result()
@@ -91,6 +93,7 @@ def _card_info(folder: Path, engine: str) -> ModelInfo:
     try:
         card = ModelCard.read(folder)
         load_detector(card)  # an unreadable detector would otherwise fail every actor, after the run began
+        check_before_workers(card)  # and so would a folder that no longer answers its golden set
         chosen, _, _ = card.choose_engine(engine)
         return ModelInfo(card.version, chosen, card.image_size, card.classes, card.baseline())
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
@@ -106,6 +109,7 @@ class RunInputs:
     truth: dict | None
     info: ModelInfo | None
     rows: int = 0  # the rows the run is expected to write (the space estimate's)
+    options: ScoreConfig | None = None  # the settings checked, `score.registry`'s current model as `score.model`
 
 
 def check_run(options: ScoreConfig) -> RunInputs:
@@ -117,6 +121,7 @@ def check_run(options: ScoreConfig) -> RunInputs:
         roots = [archive.check_root(root) for root in options.archives]
     except archive.ArchiveError as err:
         raise ScoreError(str(err), 4) from None
+    options = registry_model(options)
     if options.labels and not Path(options.labels).is_file():
         raise ScoreError(f"--labels file not found: {options.labels}", 2)
     try:
@@ -124,7 +129,20 @@ def check_run(options: ScoreConfig) -> RunInputs:
     except (OSError, ValueError) as err:
         raise ScoreError(f"cannot read --labels: {err}", 2) from None
     info = None if options.backend == "serve" else model_info(options)
-    return RunInputs(roots, truth, info, check_space(options, roots, info))
+    return RunInputs(roots, truth, info, check_space(options, roots, info), options)
+
+
+def registry_model(options: ScoreConfig) -> ScoreConfig:
+    """`options` scoring with `score.registry`'s current model folder (read once: a promotion during the run
+    does not change the model of its rows); ScoreError(3) when the registry has none."""
+    if not options.registry:
+        return options
+    try:
+        folder = current_folder(options.registry)
+    except (OSError, ValueError, KeyError) as err:
+        raise ScoreError(f"cannot use the registry {options.registry}: {err}", 3) from None
+    log.info("scoring with %s, the current model of the registry %s", folder.name, options.registry)
+    return replace(options, model=str(folder.resolve()), registry=None)
 
 
 def space_needed(rows: int, options: ScoreConfig) -> int:

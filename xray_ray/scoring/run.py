@@ -250,6 +250,7 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
     """Run (or complete) one scoring run inside the caller's Ray session and write its report; returns the
     report's summary. `checked`: `preflight.check_run`'s findings when the caller checked before Ray started."""
     checked = checked or check_run(options)
+    options = checked.options or options
     require_ray("scoring")
     roots, truth = checked.roots, checked.truth
     out = Path(options.out).resolve()

@@ -40,6 +40,7 @@ from xray_ray.processes import process_footprint, stop_signals_ignored
 from xray_ray.ray_runtime import local_ray_stopping, require_ray, started_local_ray
 from xray_ray.serving.admission import Admission
 from xray_ray.serving.explain import ExplainLimiter, explain_response
+from xray_ray.serving.followed_model import FollowedModel
 from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
 from xray_ray.serving.metrics import replica_metrics
 from xray_ray.serving.review_page import review_page
@@ -89,7 +90,7 @@ class XrayClassifier:
 
     def __init__(self, settings: ServeConfig) -> None:
         self.settings = settings
-        self.classifier = Classifier(settings.model, engine=settings.engine)
+        self.followed = FollowedModel(settings, self._reloaded)  # one folder, or the registry's current model
         self.token = read_token(settings.token_file)
         self.limit = int(settings.max_body_mb * 2**20)
         self.bodies = BodyBudget(int(settings.max_inflight_mb * 2**20))
@@ -105,6 +106,15 @@ class XrayClassifier:
                  self.classifier.version, self.classifier.engine, settings.max_batch_size, decode_slots(settings),
                  memory_budget_mb(settings), "required" if self.token else "off")
 
+    @property
+    def classifier(self) -> Classifier:
+        """The model answering now (a request takes it once, so it is answered by the model that prepared it)."""
+        return self.followed.classifier
+
+    def _reloaded(self, outcome: str) -> None:
+        self.metrics.serving(self.classifier.version, self.classifier.engine)
+        self.metrics.reloads.inc(tags={"outcome": outcome})
+
     def _authorize(self, request: Request) -> None:
         if self.token is None:
             return
@@ -113,13 +123,19 @@ class XrayClassifier:
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def infer(self, images: list[np.ndarray]) -> list[dict]:
-        """Requests that arrive together share one forward pass (sizes kept for /stats); one answer row each."""
-        self.batch_sizes[len(images)] += 1
-        self.metrics.batch_size.observe(len(images))
-        predictions = await asyncio.to_thread(self.classifier.predict_arrays, np.stack(images))
-        self.metrics.answered(predictions, "http")
-        return predictions.rows()
+    async def infer(self, items: list[tuple[Classifier, np.ndarray]]) -> list[dict]:
+        """Requests that arrive together share one forward pass per model (one, but for a batch that straddles a
+        registry swap), each answered by the model that prepared its image; sizes kept for /stats."""
+        self.batch_sizes[len(items)] += 1
+        self.metrics.batch_size.observe(len(items))
+        rows: list[dict] = [{}] * len(items)
+        for classifier in {id(model): model for model, _ in items}.values():
+            picked = [i for i, (model, _) in enumerate(items) if model is classifier]
+            predictions = await asyncio.to_thread(classifier.predict_arrays, np.stack([items[i][1] for i in picked]))
+            self.metrics.answered(predictions, "http")
+            for i, row in zip(picked, predictions.rows()):
+                rows[i] = row
+        return rows
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve's in-place update of this replica. `{"draining": true}`, sent when the service is told to stop,
@@ -133,13 +149,14 @@ class XrayClassifier:
         """The JSON answer for one image's bytes; ApiError when they cannot be used."""
         if not data:
             raise ApiError(400, "empty_body", "the image is empty (0 bytes)")
+        classifier = self.classifier
         async with self.decoding:
             try:
-                image = await asyncio.to_thread(self.classifier.prepare, data)
+                image = await asyncio.to_thread(classifier.prepare, data)
             except Exception as err:  # any failure on these bytes is this image's problem: a 422, never a 500
                 log.warning("an upload failed to decode: %s", type(err).__name__)
                 raise unusable(err) from err
-        answer = await self.infer(image)  # Predictions.rows(): calibrated confidence and the OOD flag
+        answer = await self.infer((classifier, image))  # Predictions.rows(): calibrated confidence and the OOD flag
         return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
 
     @api.post("/predict")
@@ -194,12 +211,13 @@ class XrayClassifier:
     def model(self, request: Request) -> dict:
         """The model's public card (version, classes, metrics, settings; no paths), the engine, how this replica serves."""
         self._authorize(request)
-        private = ("token_file", "insecure_no_token", "model")
+        private = ("token_file", "insecure_no_token", "model", "registry")
         serving = {key: value for key, value in asdict(self.settings).items() if key not in private}
         serving.update(max_ongoing_requests=self.settings.ongoing_requests, decode_slots=decode_slots(self.settings),
                        memory_budget_mb=memory_budget_mb(self.settings))
-        return {"card": self.classifier.card.public(), "runtime": {**self.classifier.describe(), **process_footprint()},
-                "serving": serving}
+        classifier = self.classifier
+        return {"card": classifier.card.public(), "runtime": {**classifier.describe(), **process_footprint()},
+                "serving": serving, "registry": self.followed.describe()}
 
     @api.get("/stats")
     def stats(self, request: Request) -> dict:

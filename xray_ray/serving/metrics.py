@@ -14,7 +14,10 @@ adds its own (`WorkerId`, `NodeAddress`, `SessionName`...). Names, as scraped:
   /predict/batch) refused with a 4xx or 5xx, by the error code of the answer;
 * `ray_xray_serve_request_seconds{route, status}`: latency of each HTTP request,
   from its arrival at the replica to its answer (histogram);
-* `ray_xray_serve_batch_size`: images per forward pass of the batcher (histogram).
+* `ray_xray_serve_batch_size`: images per forward pass of the batcher (histogram);
+* `ray_xray_serve_model_reloads_total{outcome}`: the registry's current model loaded by a
+  replica following it (`loaded`), or refused (`failed`: it did not load or did not
+  reproduce its golden set; the replica keeps its model).
 
 Ray 2.60 exports a histogram's `_sum` from its bucket midpoints, not the values observed:
 read latency and batch size from the buckets and `_count`.
@@ -42,7 +45,6 @@ class ServeMetrics:
     engine it serves (two applications on one cluster, say a canary, are told apart)."""
 
     def __init__(self, application: str, model_version: str, engine: str) -> None:
-        tags = {"application": application, "model_version": model_version, "engine": engine}
         self.predictions = Counter("xray_serve_predictions_total", "Answers given, by predicted class and source.",
                                    tag_keys=("predicted_class", "source", *MODEL_TAGS))
         self.out_of_distribution = Counter("xray_serve_out_of_distribution_total",
@@ -53,7 +55,16 @@ class ServeMetrics:
                                  boundaries=LATENCY_BOUNDARIES, tag_keys=("route", "status", *MODEL_TAGS))
         self.batch_size = Histogram("xray_serve_batch_size", "Images per forward pass.",
                                     boundaries=BATCH_BOUNDARIES, tag_keys=MODEL_TAGS)
-        for metric in (self.predictions, self.out_of_distribution, self.rejected, self.latency, self.batch_size):
+        self.reloads = Counter("xray_serve_model_reloads_total", "Registry models loaded or refused, by outcome.",
+                               tag_keys=("outcome", *MODEL_TAGS))
+        self.application = application
+        self.serving(model_version, engine)
+
+    def serving(self, model_version: str, engine: str) -> None:
+        """Tag what follows with the model now answering (after a swap to the registry's new current model)."""
+        tags = {"application": self.application, "model_version": model_version, "engine": engine}
+        for metric in (self.predictions, self.out_of_distribution, self.rejected, self.latency, self.batch_size,
+                       self.reloads):
             metric.set_default_tags(tags)
 
     def answered(self, predictions: Predictions, source: str) -> None:

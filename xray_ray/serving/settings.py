@@ -1,5 +1,5 @@
 """What Serve checks and derives from its `serve:` settings (`config_services.ServeConfig`, also a Serve
-config's `args`): the model folder before any replica starts, a replica's memory budget, the bearer
+config's `args`): the model folder (or the registry's current one) before any replica starts, a replica's memory budget, the bearer
 token, and the refusal to expose an unguarded endpoint.
 """
 
@@ -15,7 +15,8 @@ from xray_ray.config_services import ServeConfig
 from xray_ray.images.bounds import LIMITS
 from xray_ray.loopback import is_loopback_host
 from xray_ray.model_folder.card import ModelCard
-from xray_ray.model_folder.classifier import load_detector
+from xray_ray.model_folder.classifier import check_before_workers, load_detector
+from xray_ray.model_folder.registry import current_folder
 
 TOKEN_ENV = "XRAY_RAY_SERVE_TOKEN"
 """Environment variable holding the bearer token (a token file is the safer choice)."""
@@ -34,22 +35,33 @@ DECODE_BYTES_PER_PIXEL = 16
 log = logging.getLogger(__name__)
 
 
+def model_folder(settings: ServeConfig) -> Path:
+    """The folder to serve now: `serve.model`, or the current model of `serve.registry`."""
+    if settings.registry:
+        return current_folder(settings.registry)
+    if not settings.model:
+        raise ValueError("give the model folder (--model, serve.model) or a registry (--registry, serve.registry)")
+    return Path(settings.model)
+
+
 def checked_model(settings: ServeConfig) -> ServeConfig:
-    """`settings` with the model folder and token file as absolute paths (replicas may run elsewhere), once
-    the model's card and out-of-distribution detector are read and its version is the expected one.
+    """`settings` with the model folder (or registry) and token file as absolute paths (replicas may run
+    elsewhere), once the model's card and out-of-distribution detector are read and its version is the
+    expected one.
 
     ValueError when there is no model, or it cannot be used; checked once, before any replica starts."""
-    if not settings.model:
-        raise ValueError("give the model folder to serve (--model, serve.model)")
     try:
-        card = ModelCard.read(settings.model)
+        folder = model_folder(settings)
+        card = ModelCard.read(folder)
         load_detector(card)
+        check_before_workers(card)
     except OSError as err:
         raise ValueError(str(err)) from None
     if settings.expect_version is not None and card.version != settings.expect_version:
-        raise ValueError(f"{settings.model} holds model {card.version}, not the expected {settings.expect_version}")
-    token_file = str(Path(settings.token_file).resolve()) if settings.token_file else None
-    return dataclasses.replace(settings, model=str(Path(settings.model).resolve()), token_file=token_file)
+        raise ValueError(f"{folder} holds model {card.version}, not the expected {settings.expect_version}")
+    absolute = {name: str(Path(value).resolve()) for name in ("model", "registry", "token_file")
+                if (value := getattr(settings, name))}
+    return dataclasses.replace(settings, **absolute)
 
 
 def decode_slots(settings: ServeConfig) -> int:
