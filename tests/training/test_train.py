@@ -342,6 +342,7 @@ def test_cli_refit_brings_an_older_folder_back_to_what_its_export_fitted(compact
     with np.load(folder / OOD_FILE) as arrays:
         fitted = {key: arrays[key] for key in arrays.files}
     before = ModelCard.read(folder)
+    before.update(golden=None)  # exported before golden sets, too
     _older_layout(folder)
     with pytest.raises(ValueError, match="xray-ray refit --model"):
         Classifier(folder)
@@ -374,5 +375,11 @@ def test_cli_refit_brings_an_older_folder_back_to_what_its_export_fitted(compact
     assert after["calibration"]["method"] == before["calibration"]["method"]
     assert after["metrics"]["test"]["accuracy"] == pytest.approx(before["metrics"]["test"]["accuracy"])
     assert after.version == before.version  # the network and its version are untouched
-    classifier = Classifier(folder)  # reads the new layout, digest verified
+    classifier = Classifier(folder)  # reads the new layout, digest verified, golden set answered
     assert classifier.detector is not None
+    exported_golden = ModelCard.read(exported)["golden"]["images"]  # refit recorded it again, as the export did
+    assert [image["input_sha256"] for image in after["golden"]["images"]] == \
+        [image["input_sha256"] for image in exported_golden]
+    np.testing.assert_allclose([image["probabilities"] for image in after["golden"]["images"]],
+                               [image["probabilities"] for image in exported_golden], atol=1e-6)
+    assert after["files"]["golden.npz"]["sha256"] == after["golden"]["sha256"]
