@@ -7,13 +7,19 @@
    BatchNorm refresh; held-out accuracy after the refresh.
 2. Cost: training throughput (images/s) of each backbone at 64 px and at the origin's
    240 px, measured on the same images in one run.
+3. Epoch time: the demo's training epoch (compact, 64 px, 420 training phantoms, batches of
+   16, compact_cpu.yaml) through the project's own `fit`, each epoch's wall time, and one pass
+   over the training pipeline alone (the per-epoch reshuffle and batching, no model).
+   `--only-epoch-time` runs just this part.
 
-Figures go to reports/bench/train.json. Numbers are on synthetic phantoms.
+Figures go to reports/bench/train.json (parts 1 and 2) and reports/bench/train_epoch.json
+(part 3). Numbers are on synthetic phantoms.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,14 +93,51 @@ def throughput(backbone: str, size: int, images: int = 64) -> dict:
             "epoch_s_600_images": 600 * seconds / images}
 
 
+def _pipeline_seconds(training, batch_size: int) -> tuple[float, float]:
+    """Building the training pipeline (once per run), then one epoch's pass over it alone:
+    reshuffle, batches, flips; no model."""
+    started = time.perf_counter()
+    pipeline = data.to_tf(training.train, batch_size, training=True)
+    built = time.perf_counter()
+    for _ in pipeline:
+        pass
+    return built - started, time.perf_counter() - built
+
+
+def _spread(seconds: list[float]) -> dict:
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "n": len(seconds)}
+
+
+def epoch_time(frame, epochs: int, passes: int) -> dict:
+    """The demo's epoch: `fit` on compact_cpu.yaml for `epochs` epochs (the first, which builds the
+    graph, left out), and `passes` passes over the training pipeline alone."""
+    config = load_config(LEARNING["compact"], [f"lra.epochs={epochs}", "lra.patience=100", "lra.stop_patience=100"])
+    training = prepare_training_data(frame, config)
+    build, passed = zip(*(_pipeline_seconds(training, config.data.batch_size) for _ in range(passes)))
+    fitted = fit(training, config).epoch_seconds[1:]
+    return {"train_images": training.train.count(), "batch_size": config.data.batch_size,
+            "image_size": config.data.image_size, "fit_epoch": _spread(fitted), "pipeline_pass": _spread(passed),
+            "pipeline_build": _spread(build)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--per-class", type=int, default=150, help="phantoms per class (150: 420 training images)")
     parser.add_argument("--epochs", type=int, help="override each backbone's epochs (LEARNING)")
+    parser.add_argument("--timed-epochs", type=int, default=6,
+                        help="epochs of the epoch-time part (the first is not timed)")
+    parser.add_argument("--pipeline-passes", type=int, default=5, help="passes over the training pipeline alone")
+    parser.add_argument("--only-epoch-time", action="store_true", help="run only the epoch-time part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         synth.write_dataset(Path(tmp), per_class=args.per_class, size=96, seed=5)
         frame, _ = build_index(tmp)
+        epoch = epoch_time(frame, args.timed_epochs, args.pipeline_passes)
+        print_table([{"part": part, **epoch[part]} for part in ("fit_epoch", "pipeline_pass", "pipeline_build")])
+        print(f"{epoch['train_images']} training images, {epoch['image_size']} px, batches of {epoch['batch_size']}")
+        print("saved", save("train_epoch", {**epoch, "data": synth.SYNTHETIC_NOTE}))
+        if args.only_epoch_time:
+            return
         learning = [learning_run(frame, backbone, args.epochs) for backbone in ("compact", "efficientnetb1")]
     costs = [throughput(b, s) for b in ("compact", "efficientnetb1") for s in (64, 240)]
     print_table(learning)
