@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from xray_ray.processes import process_group, process_tree, still_running, tcp_listeners
 
 BIN = Path(sys.executable).parent
@@ -24,6 +26,14 @@ def user_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in RAY_SETTINGS}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def healthy(url: str) -> bool:
+    """True when the served app at `url` answers /healthz with 200 (a replica is up)."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _as_a_terminal_starts_it() -> None:

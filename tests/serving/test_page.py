@@ -30,7 +30,7 @@ from PIL import Image
 
 from tests.helpers import REPO
 from tests.nonchest import document
-from tests.running import Command, user_env
+from tests.running import Command, healthy, user_env
 from xray_ray.config import CLASS_NAMES
 from xray_ray.images import synth
 from xray_ray.processes import free_port
@@ -140,14 +140,8 @@ def server(browser, compact_model, tmp_path_factory):
                       env=user_env(XRAY_RAY_METRICS_PORT=str(free_port()), HOME=str(folder / "home")))
     url = f"http://127.0.0.1:{port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        command.wait_for(healthy, 300, "a healthy replica")
+        command.wait_for(lambda: healthy(url), 300, "a healthy replica")
         yield url
         command.stop("interrupt")
     finally:

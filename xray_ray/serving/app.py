@@ -257,6 +257,7 @@ def build_app(settings: ServeConfig, draining: bool = False):
         max_ongoing_requests=settings.ongoing_requests,
         max_queued_requests=-1,  # unbounded in front: the replicas shed the excess themselves, in a moment
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+        health_check_period_s=settings.health_check_period_s,
         user_config={"draining": draining},
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(settings)
