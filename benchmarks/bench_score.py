@@ -66,6 +66,9 @@ def _is_scoring_actor(pid: int) -> bool:
 RAY_DATA_HELPERS = (b"_StatsActor", b"_AutoscalingCoordinatorActor", b"ActorLocationTracker")
 RAY_SERVICES = (b"DashboardAgent", b"RuntimeEnvAgent")
 CPU_ROLES = ("driver", "scoring_actor", "read_tasks", "ray_data_helpers", "ray_services")
+RAY_OWN = ("driver", "ray_data_helpers", "ray_services")
+"""Ray's own share: its services, Ray Data's helper actors, and the driver, whose work beyond writing parts is
+Ray Data's streaming executor."""
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -90,13 +93,15 @@ def cpu_role(pid: int, driver: int) -> str | None:
 
 
 def job_worker(archive: str, model: str, out: str, actors: int, cpus_per_actor: float, read_cpus: float,
-               batch: int, engine: str) -> None:
-    """Runs in a fresh process: start a local Ray, then time one scoring run of `archive`."""
+               batch: int, engine: str, profile: str) -> None:
+    """Runs in a fresh process: start a local Ray (`profile`: ray_runtime's lean or full), then time one scoring
+    run of `archive`."""
     from xray_ray.config_services import ScoreConfig
     from xray_ray.ray_runtime import ray_session
     from xray_ray.scoring.run import score
 
-    with ray_session(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_")):
+    with ray_session(num_cpus=os.cpu_count(), log_to_driver=False, temp_dir=tempfile.mkdtemp(prefix="ray_bench_"),
+                     profile=profile):
         started = time.perf_counter()
         summary = score(ScoreConfig(archives=[archive], model=model, out=out, run="bench", actors=actors,
                                     engine=engine, cpus_per_actor=cpus_per_actor, read_cpus=read_cpus,
@@ -118,12 +123,14 @@ def steady_rate(run: Path) -> float | None:
     return rows / (parts[-1].stat().st_mtime - parts[0].stat().st_mtime)
 
 
-def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per_actor: float) -> dict:
-    """Score `archive` in a fresh process while sampling the PSS of its process tree; returns figures."""
+def run_job(args, archive: Path, model: Path, engine: str, actors: int, cpus_per_actor: float,
+            profile: str = "lean") -> dict:
+    """Score `archive` in a fresh process (its own local Ray of `profile`) while sampling the PSS and CPU of its
+    process tree; returns figures."""
     with tempfile.TemporaryDirectory() as out:
         process = subprocess.Popen(
             [sys.executable, __file__, "--job-worker", str(archive), str(model), out, str(actors),
-             str(cpus_per_actor), str(args.read_cpus), str(args.batch), engine],
+             str(cpus_per_actor), str(args.read_cpus), str(args.batch), engine, profile],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=0.0, help="0: chosen from the cluster")
     parser.add_argument("--compare-pool", default="1x1",
                         help="ACTORSxCPUS: a second pool measured side by side (the pre-sizing default 1x1; '' skips)")
+    parser.add_argument("--ray-profiles", default="lean,full",
+                        help="the job's local Ray, side by side: lean (the default of xray-ray score) and full")
     parser.add_argument("--repeats", type=int, default=2, help="each figure measured this many times: ranges")
     parser.add_argument("--read-cpus", type=float, default=0.5)
     parser.add_argument("--memory-files", default="2000,20000",
@@ -207,11 +216,11 @@ def main() -> None:
     parser.add_argument("--save-as", default="score", help="figures go to reports/bench/<this>.json")
     parser.add_argument("--keras", action="store_true", help="also measure 1 and 3 with the Keras engine")
     parser.add_argument("--model", type=Path, help="reuse this exported folder (built there when missing)")
-    parser.add_argument("--job-worker", nargs=8, help=argparse.SUPPRESS)
+    parser.add_argument("--job-worker", nargs=9, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job_worker:
         a = args.job_worker
-        job_worker(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), int(a[6]), a[7])
+        job_worker(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), int(a[6]), a[7], a[8])
         return
     from xray_ray.model_folder.classifier import Classifier
 
@@ -225,35 +234,44 @@ def main() -> None:
         paths = sorted((tmp / "archive").glob("*/images/*.png"))
         inputs = np.stack([decode_and_preprocess(p.read_bytes(), card["input"]["size"]) for p in paths])
         rows, breakdowns = [], []
-        pools = [("sized", args.actors, args.cpus_per_actor)]
+        profiles = [name for name in args.ray_profiles.split(",") if name]
+        pools = [("sized" if profile == profiles[0] else f"sized[{profile}]", args.actors, args.cpus_per_actor,
+                  profile) for profile in profiles]
         if args.compare_pool:
             actors, cpus = args.compare_pool.split("x")
-            pools.append((f"{actors}x{cpus}", int(actors), float(cpus)))
+            pools.append((f"{actors}x{cpus}", int(actors), float(cpus), profiles[0]))
         for repeat in range(args.repeats):
             for engine in ["onnxruntime", *(["keras"] if args.keras else [])]:
                 classifier = Classifier(model, engine=engine)
                 one = model_only(classifier, inputs, args.batch)
                 two = seed_loop(classifier, paths, args.batch)
                 del classifier
-                for pool, actors, cpus in pools:
-                    job = run_job(args, tmp / "archive", model, engine, actors, cpus)
+                for pool, actors, cpus, profile in pools:
+                    job = run_job(args, tmp / "archive", model, engine, actors, cpus, profile)
                     timing = job["timing"]
                     startup = timing["startup_s"].get("first_result_s", 0.0)
                     three = job["scored"] / job["seconds"]
                     steady = job["scored"] / max(job["seconds"] - startup, 1e-9)
-                    rows.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "images": len(paths),
+                    rows.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "ray_profile": profile,
+                                 "images": len(paths),
                                  "model_only_img_s": one, "seed_loop_img_s": two, "job_img_s": three,
                                  "job_excl_startup_img_s": steady, "startup_s": startup,
                                  "ratio_job_to_model": steady / one, "ratio_job_to_seed_loop": three / two,
                                  "actor_peak_rss_mb": job["actor_rss_mb"]})
                     breakdowns.append({"repeat": repeat + 1, "engine": engine, "pool": pool, "wall_s": timing["wall_s"],
                                        **timing["stage_busy_s"], **timing["startup_s"],
-                                       **{f"cpu_s_{role}": seconds for role, seconds in job["cpu_s"].items()}})
+                                       **{f"cpu_s_{role}": seconds for role, seconds in job["cpu_s"].items()},
+                                       "cpu_s_ray_own": round(sum(job["cpu_s"][role] for role in RAY_OWN), 1)})
         print_table(rows)
         print_table(breakdowns)
+        ray_own = {}
+        for pool, *_ in pools:
+            found = [b["cpu_s_ray_own"] for b in breakdowns if b["pool"] == pool and b["engine"] == "onnxruntime"]
+            ray_own[pool] = [min(found), max(found)]
+        print("Ray's own CPU-seconds (services + Ray Data helpers + driver), min-max:", json.dumps(ray_own))
         ratios = {}
         for key in ("ratio_job_to_model", "ratio_job_to_seed_loop"):
-            for pool, _, _ in pools:
+            for pool, *_ in pools:
                 found = [r[key] for r in rows if r["pool"] == pool and r["engine"] == "onnxruntime"]
                 ratios[key if pool == "sized" else f"{key}[{pool}]"] = [round(min(found), 3), round(max(found), 3)]
         if args.keras:
@@ -283,6 +301,7 @@ def main() -> None:
             "settings": {"batch": args.batch, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                          "read_cpus": args.read_cpus},
             "data": synth.SYNTHETIC_NOTE, "throughput": rows, "stage_breakdown": breakdowns, **ratios,
+            "ray_own_cpu_s": ray_own,
             "memory": memory, "memory_growth": growth}))
 
 

@@ -5,6 +5,8 @@ process it started, within 20 s, losing nothing committed."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import stat
 import subprocess
@@ -15,10 +17,11 @@ import httpx
 import pytest
 
 from tests.helpers import REPO
-from tests.running import Command, user_env
+from tests.running import Command, healthy, user_env
 from xray_ray.images import synth
 from xray_ray.processes import command_line, free_port
 from xray_ray.loopback import is_loopback_host
+from xray_ray.ray_runtime import LEAN_SYSTEM_CONFIG
 from xray_ray.scoring.run import read_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -37,6 +40,16 @@ def assert_all_on_loopback(command: Command, what: str) -> list[dict]:
     exposed = [row for row in listeners if not is_loopback_host(row["address"])]
     assert not exposed, f"{what} listens beyond loopback: {exposed}"
     return listeners
+
+
+def ray_system_config(command: Command) -> dict:
+    """The system config the command's own Ray was started with: what its GCS server was given (--config_list)."""
+    for pid in command.processes():
+        given = [arg for arg in command_line(pid).decode(errors="replace").split("\0")
+                 if arg.startswith("--config_list=")]
+        if given:
+            return json.loads(base64.b64decode(given[0].partition("=")[2]))
+    raise AssertionError("no process of the command's Ray was given a system config")
 
 
 def fresh_home(tmp_path: Path) -> Path:
@@ -100,19 +113,14 @@ def test_serve_listens_on_loopback_refuses_tokenless_drivers_and_stops(compact_m
                      env=user_env(XRAY_RAY_METRICS_PORT=str(metrics_port), HOME=str(home)))
     url = f"http://127.0.0.1:{port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        server.wait_for(healthy, 240, "a healthy replica")
+        server.wait_for(lambda: healthy(url), 240, "a healthy replica")
         listeners = assert_all_on_loopback(server, "xray-ray serve")
         assert {port, metrics_port} <= {row["port"] for row in listeners}  # Prometheus' port: fixed, on loopback
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         server.wait_for(lambda: metrics in server.output(), 60, "the metrics address printed")
         assert httpx.get(metrics, timeout=10).status_code == 200
+        assert ray_system_config(server).get("enable_metrics_collection", True), "a Ray that serves keeps its metrics"
         if how == "interrupt":
             gcs = next(row["port"] for row in listeners if Path(row["process"]).name == "gcs_server")
             assert_refuses_a_driver_without_the_token(f"127.0.0.1:{gcs}")
@@ -134,6 +142,7 @@ def test_score_listens_on_loopback_stops_and_a_rerun_loses_nothing_committed(com
     try:
         scoring.wait_for(lambda: any(out.glob("night/predictions/part-*.parquet")), 300, "a committed part")
         assert_all_on_loopback(scoring, "xray-ray score")
+        assert LEAN_SYSTEM_CONFIG.items() <= ray_system_config(scoring).items(), "score's own Ray is lean by default"
         assert_stops(scoring, how)
     finally:
         scoring.kill()

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from xray_ray.config_field import setting
+from xray_ray.ray_runtime import RAY_PROFILES
 
 ENGINES = ("auto", "onnxruntime", "keras")
 BACKENDS = ("actors", "serve")
@@ -64,6 +65,9 @@ class ScoreConfig:
     files_per_task: int = setting(256, "Files per read task: the unit in which results arrive and are committed.")
     object_store_mb: int = setting(256, "Object-store budget (MB) for decoded images waiting for the model; keeps "
                                         "memory flat in archive size.")
+    ray_profile: str = setting("lean", "The Ray the run starts for itself when it joins none: lean (without the "
+                                       "metrics, task events and event statistics a batch run never reads) or "
+                                       "full (every Ray service). A Ray that is joined keeps its own.")
 
     # The report
     review_threshold: float = setting(0.6, "Answers less confident than this are listed for review.")
@@ -83,6 +87,8 @@ class ScoreConfig:
             problems.append(f"score.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.engine not in ENGINES:
             problems.append(f"score.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.ray_profile not in RAY_PROFILES:
+            problems.append(f"score.ray_profile must be one of {', '.join(RAY_PROFILES)}, not {self.ray_profile!r}")
         if self.read_cpus <= 0:
             problems.append(f"score.read_cpus must be above 0, got {self.read_cpus}")
         if not 0 <= self.review_threshold <= 1:

@@ -42,6 +42,14 @@ METRICS_PORT_ENV = "XRAY_RAY_METRICS_PORT"
 AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
 """Ray's switch for starting a default local Ray (token in ~/.ray, mode 0644) when an API is used without one."""
 
+RAY_PROFILES = ("lean", "full")
+LEAN_SYSTEM_CONFIG = {
+    "enable_metrics_collection": False,  # no metrics from the raylet, GCS and workers (Serve's metrics need them)
+    "task_events_report_interval_ms": 0,  # no task events sent to the GCS: what the dashboard's task list shows
+    "event_stats": False,  # no timing of every event-loop handler in every Ray process
+}
+"""What a `lean` local Ray turns off: Ray's own bookkeeping that a batch job's output never reads (docs/scoring.md)."""
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -85,6 +93,7 @@ def _check_local_start_is_safe() -> None:
 
 
 _local_ray_started = False
+_local_ray_lean = False
 
 
 def started_local_ray() -> bool:
@@ -92,16 +101,22 @@ def started_local_ray() -> bool:
     return _local_ray_started
 
 
-def _connect(num_cpus: int | None, address: str | None, log_to_driver: bool, temp_dir: str | None) -> None:
+def metrics_collected() -> bool:
+    """False when this process started a lean local Ray, which records no metrics (its own or `ray.util.metrics`)."""
+    return not (_local_ray_started and _local_ray_lean)
+
+
+def _connect(num_cpus: int | None, address: str | None, log_to_driver: bool, temp_dir: str | None,
+             profile: str) -> None:
     """Join `address` (else RAY_ADDRESS), else start a local Ray on loopback with token authentication
-    (`temp_dir`: its session folder).
+    (`temp_dir`: its session folder; `profile` lean: without LEAN_SYSTEM_CONFIG's services).
 
     `ray.init` installs a SIGTERM handler that aborts the process; the handler that was
     there before is put back, so the session's clean-up still runs on `kill`.
     """
     import ray  # heavy, and it must read the environment set above when first imported
 
-    global _local_ray_started
+    global _local_ray_started, _local_ray_lean
     on_sigterm = signal.getsignal(signal.SIGTERM)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -115,8 +130,9 @@ def _connect(num_cpus: int | None, address: str | None, log_to_driver: bool, tem
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         metrics_port = int(os.environ[METRICS_PORT_ENV]) if os.environ.get(METRICS_PORT_ENV) else None
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
-                 log_to_driver=log_to_driver, _metrics_export_port=metrics_port)
-        _local_ray_started = True
+                 log_to_driver=log_to_driver, _metrics_export_port=metrics_port,
+                 _system_config=LEAN_SYSTEM_CONFIG if profile == "lean" else None)
+        _local_ray_started, _local_ray_lean = True, profile == "lean"
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -149,17 +165,21 @@ def require_ray(what: str) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, head: LocalHead | None = None, num_cpus: int | None = None,
-                log_to_driver: bool = True, temp_dir: str | None = None) -> Iterator[None]:
+                log_to_driver: bool = True, temp_dir: str | None = None, profile: str = "full") -> Iterator[None]:
     """The one way a command gets Ray, around its whole run.
 
     It joins `address` (else RAY_ADDRESS), starts `head` and joins it, or else starts a local
-    Ray of `num_cpus` CPUs (`temp_dir`: its session folder). Within the block SIGTERM raises
+    Ray of `num_cpus` CPUs (`temp_dir`: its session folder), with every Ray service (`profile`
+    full) or without the bookkeeping a batch job never reads (lean: LEAN_SYSTEM_CONFIG; a Ray
+    that is joined keeps its own). Within the block SIGTERM raises
     KeyboardInterrupt as Ctrl-C does; on the way out this process leaves Ray, a Ray it started
     is shut down and `head` is stopped, without a second signal cutting that short. Entered
     while already connected (the demo's stages, a test session's Ray), it uses that Ray and
     leaves it running: the outer session owns it.
     """
     global _local_ray_started
+    if profile not in RAY_PROFILES:
+        raise ValueError(f"Ray profile must be one of {', '.join(RAY_PROFILES)}, not {profile!r}")
     if ray_connected():
         if head is not None:
             raise RuntimeError("a Ray session is open already: a head cannot be started and joined inside it")
@@ -172,7 +192,7 @@ def ray_session(address: str | None = None, *, head: LocalHead | None = None, nu
                 os.environ.update(head.client_env())  # for this driver and the `ray job submit`s it runs
                 address = head.gcs
             use_address(address)  # before Ray is imported
-            _connect(num_cpus, address, log_to_driver, temp_dir)
+            _connect(num_cpus, address, log_to_driver, temp_dir, profile)
             yield
         finally:
             with stop_signals_ignored():

@@ -55,7 +55,7 @@ def score(config: Config, address: str = ADDRESS_OPTION) -> None:
     settings = config.score
     try:
         checked = check_run(settings)  # settings, archives, labels and a model folder, before Ray starts
-        with ray_session(address):
+        with ray_session(address, profile=settings.ray_profile):
             summary = run_scoring(settings, checked)
     except ScoreError as err:
         raise fail(str(err), err.exit_code)

@@ -45,7 +45,7 @@ import pandas as pd
 
 from xray_ray.files import atomic_path, atomic_write_text, fsync_folder
 from xray_ray.config_services import ScoreConfig
-from xray_ray.ray_runtime import metrics_url, require_ray
+from xray_ray.ray_runtime import metrics_collected, metrics_url, require_ray
 from xray_ray.reports.tables import write_json
 from xray_ray.scoring import archive, ledger
 from xray_ray.scoring.metrics import LiveRunMetrics, write_textfiles
@@ -201,18 +201,20 @@ def _scorer(options: ScoreConfig) -> tuple[type, dict]:
     return ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads}
 
 
-def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
-                 out: Path, times: StageTimes, live: LiveRunMetrics, state: dict) -> pd.DataFrame:
-    """Run the pipeline over the file list, committing parts as rows arrive (`state["scored_now"]` counts their
-    rows); returns the still-failing entries' rows, which are reported, not committed."""
+def scoring_dataset(files: Path, image_size: int, known, scorer: tuple[type, dict], pool: PoolPlan,
+                    options: ScoreConfig):
+    """The pipeline as a Ray Dataset: the file list's chunks (`write_file_list`) read, hashed, decoded and
+    preprocessed by read tasks, then scored by a pool of `scorer` actors (a `pipeline.Scorer` class and its
+    constructor arguments), under the run's object-store budget."""
     import ray  # heavy: imported where the pipeline is built
 
-    scorer, kwargs = _scorer(options)
+    scorer_class, kwargs = scorer
     chunks = [{"chunk": str(path)} for path in sorted(files.glob("files-*.parquet"))]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-    ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": info.image_size, "known": ray.put(known)},
+    ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": image_size, "known": ray.put(known)},
                         batch_size=1, batch_format="numpy", num_cpus=pool.read_cpus)
-    ds = ds.map_batches(scorer, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="numpy",
+    ds = ds.map_batches(scorer_class, fn_constructor_kwargs=kwargs, batch_size=options.batch_size,
+                        batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
                         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor)
     # Reading outruns inference: uncapped, decoded inputs would pile up in the object store in
@@ -222,7 +224,15 @@ def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelI
     # Blocks of about one model batch of packed inputs: Ray Data otherwise gathers a read task's whole
     # output (files_per_task images) into one block, so the actors wait for a whole task's reading and the
     # first rows wait for a whole task's predictions.
-    ds.context.target_max_block_size = max(options.batch_size * info.image_size**2, 2**16)
+    ds.context.target_max_block_size = max(options.batch_size * image_size**2, 2**16)
+    return ds
+
+
+def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
+                 out: Path, times: StageTimes, live: LiveRunMetrics, state: dict) -> pd.DataFrame:
+    """Run the pipeline over the file list, committing parts as rows arrive (`state["scored_now"]` counts their
+    rows); returns the still-failing entries' rows, which are reported, not committed."""
+    ds = scoring_dataset(files, info.image_size, known, _scorer(options), pool, options)
     pending, rows, still = [], 0, []
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         times.mark("first_result_s")
@@ -276,7 +286,11 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
         log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
                  len(known), info.version)
         live = LiveRunMetrics(folder.name, info.version)
-        log.info("run %s: live metrics at %s", folder.name, metrics_url())
+        if metrics_collected():
+            log.info("run %s: live metrics at %s", folder.name, metrics_url())
+        else:
+            log.info("run %s: no live metrics from a lean local Ray (score.ray_profile full keeps them); the run's "
+                     "figures go to metrics.prom at its end", folder.name)
         still = _score_files(options, pool, files, info, known, folder, out, times, live, state) \
             if counts["files"] else pd.DataFrame(columns=PREDICTION_COLUMNS)
         shutil.rmtree(folder / ".work", ignore_errors=True)
