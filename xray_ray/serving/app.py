@@ -279,6 +279,16 @@ def start(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str =
     return serve.run(build_app(checked_model(settings)), name=name, route_prefix=route_prefix)
 
 
+def _update_in_place(client, built) -> None:
+    """The drain's update, on its own thread: deploy `built` through `client` and wait until every replica has
+    applied it; when Ray goes away under it, the stop goes on."""
+    try:
+        client.deploy_applications([built], wait_for_ingress_deployment_creation=True,
+                                   wait_for_applications_running=True)
+    except Exception as err:  # noqa: BLE001 - Ray stopped under the update: nothing is left to drain
+        log.info("the drain's update ended early: %s", err)
+
+
 def drain(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str = "/") -> None:
     """Before a stop: every replica refuses new requests (503 `draining`) and answers those it accepted.
 
@@ -287,14 +297,22 @@ def drain(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str =
     timeout plus a margin, so a stuck update cannot hold the stop."""
     log.info("stopping: answering the requests already accepted (at most %g s), refusing new ones",
              settings.graceful_shutdown_timeout_s)
-    update = threading.Thread(target=serve.run, daemon=True, args=(build_app(settings, draining=True),),
-                              kwargs={"name": name, "route_prefix": route_prefix})
+    if local_ray_stopping():  # Ray itself was signalled too: nothing is left to drain
+        log.info("Ray is stopping as well: no drain")
+        return
+    import ray
+    from ray.serve._private.build_app import build_app as build_serve_app  # Ray is pinned
+    from ray.serve.context import _get_global_client
+
+    # Built and connected here; the thread only sends the update through this client, whose calls fail once Ray
+    # is gone. (serve.run on the thread would start a new local Ray, with its dashboard and a token in ~/.ray, if
+    # it found this one shut down by then.)
+    built = build_serve_app(build_app(settings, draining=True), name=name, route_prefix=route_prefix,
+                            default_runtime_env=ray.get_runtime_context().runtime_env)
+    update = threading.Thread(target=_update_in_place, args=(_get_global_client(), built), daemon=True)
     update.start()
     deadline = time.monotonic() + settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
-    while update.is_alive() and time.monotonic() < deadline:
-        if local_ray_stopping():  # Ray itself was signalled too: nothing is left to drain
-            log.info("Ray is stopping as well: no drain")
-            return
+    while update.is_alive() and time.monotonic() < deadline and not local_ray_stopping():
         update.join(DRAIN_POLL_S)
 
 
