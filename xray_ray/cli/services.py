@@ -30,7 +30,7 @@ def serve_model(config: Config, address: str = ADDRESS_OPTION) -> None:
         raise fail(str(err))
     what = settings.model or f"the current model of the registry {settings.registry}"
     with ray_session(address):
-        from xray_ray.serving.app import serve_until_stopped
+        from xray_ray.serving.stopping import serve_until_stopped
 
         serve_until_stopped(settings, started=lambda: typer.echo(
             f"serving {what} at http://{settings.host}:{settings.port}/ (POST /predict, POST "

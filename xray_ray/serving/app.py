@@ -20,10 +20,8 @@ import hashlib
 import hmac
 import json
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -36,8 +34,8 @@ from xray_ray.config_services import ServeConfig
 from xray_ray.files import sha256_hex
 from xray_ray.loopback import bind_serve_replicas_to_loopback
 from xray_ray.model_folder.classifier import Classifier
-from xray_ray.processes import process_footprint, stop_signals_ignored
-from xray_ray.ray_runtime import local_ray_stopping, require_ray, started_local_ray
+from xray_ray.processes import process_footprint
+from xray_ray.ray_runtime import require_ray
 from xray_ray.serving.admission import Admission
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.followed_model import FollowedModel
@@ -47,12 +45,6 @@ from xray_ray.serving.review_page import review_page
 from xray_ray.serving.settings import checked_model, decode_slots, memory_budget_mb, read_token
 
 log = logging.getLogger(__name__)
-
-DRAIN_MARGIN_S = 3.0
-"""Beyond the graceful timeout, how long a stop waits for Serve to report the replicas drained."""
-DRAIN_POLL_S = 0.2
-"""How often a draining stop checks whether Ray itself is stopping too."""
-
 
 bind_serve_replicas_to_loopback()  # a replica imports this module before it starts its gRPC server
 
@@ -277,62 +269,3 @@ def start(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str =
     require_ray("serving")
     serve.start(http_options={"host": settings.host, "port": settings.port})
     return serve.run(build_app(checked_model(settings)), name=name, route_prefix=route_prefix)
-
-
-def _update_in_place(client, built) -> None:
-    """The drain's update, on its own thread: deploy `built` through `client` and wait until every replica has
-    applied it; when Ray goes away under it, the stop goes on."""
-    try:
-        client.deploy_applications([built], wait_for_ingress_deployment_creation=True,
-                                   wait_for_applications_running=True)
-    except Exception as err:  # noqa: BLE001 - Ray stopped under the update: nothing is left to drain
-        log.info("the drain's update ended early: %s", err)
-
-
-def drain(settings: ServeConfig, name: str = SERVE_APP_NAME, route_prefix: str = "/") -> None:
-    """Before a stop: every replica refuses new requests (503 `draining`) and answers those it accepted.
-
-    An in-place update of the app's user_config (`reconfigure`, no restart), which Serve applies
-    to each replica and reports done once every replica has drained; bounded by the graceful
-    timeout plus a margin, so a stuck update cannot hold the stop."""
-    log.info("stopping: answering the requests already accepted (at most %g s), refusing new ones",
-             settings.graceful_shutdown_timeout_s)
-    if local_ray_stopping():  # Ray itself was signalled too: nothing is left to drain
-        log.info("Ray is stopping as well: no drain")
-        return
-    import ray
-    from ray.serve._private.build_app import build_app as build_serve_app  # Ray is pinned
-    from ray.serve.context import _get_global_client
-
-    # Built and connected here; the thread only sends the update through this client, whose calls fail once Ray
-    # is gone. (serve.run on the thread would start a new local Ray, with its dashboard and a token in ~/.ray, if
-    # it found this one shut down by then.)
-    built = build_serve_app(build_app(settings, draining=True), name=name, route_prefix=route_prefix,
-                            default_runtime_env=ray.get_runtime_context().runtime_env)
-    update = threading.Thread(target=_update_in_place, args=(_get_global_client(), built), daemon=True)
-    update.start()
-    deadline = time.monotonic() + settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
-    while update.is_alive() and time.monotonic() < deadline and not local_ray_stopping():
-        update.join(DRAIN_POLL_S)
-
-
-def serve_until_stopped(settings: ServeConfig, started: Callable[[], None]) -> None:
-    """`xray-ray serve`, inside its Ray session: deploy, call `started`, then serve until Ctrl-C or SIGTERM
-    (which the session turns into KeyboardInterrupt).
-
-    On the way out a Ray the session started goes with everything in it when the session ends
-    (Serve's controller, proxy and replicas: asking a controller that may already have received
-    the same signal to delete the app first could wait forever); on a cluster the app is
-    deleted here and the cluster keeps running.
-    """
-    try:
-        start(settings)
-        started()
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        drain(settings)
-    finally:
-        if not started_local_ray():
-            with stop_signals_ignored():
-                serve.delete(SERVE_APP_NAME)
