@@ -20,18 +20,27 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
-# System packages the tests need, installed when missing: Debian's Chromium, which the review page's browser tests
-# drive (tests/serving/test_page.py; Playwright downloads no browser). As root (CI) it is installed without asking;
-# otherwise the command to run is printed and those tests skip, saying why.
+# System packages the tests need, installed when missing (Debian names):
+#   chromium, fonts      the review page's browser tests (tests/serving/test_page.py; Playwright downloads no browser)
+#   orthanc, orthanc-dicomweb   a real PACS for the DICOMweb tests (tests/scoring/test_pacs*.py; started on a free port)
+#   dicom3tools          dciodvfy, which validates every DICOM SR and Secondary Capture the tests write
+# As root (CI) they are installed without asking; otherwise the command to run is printed and those tests skip, saying
+# why (under CI=true they fail instead).
+SYSTEM_PACKAGES_NEEDED = $(strip \
+	$(if $(shell command -v chromium || command -v chromium-browser),,chromium fonts-liberation fonts-dejavu-core) \
+	$(if $(shell command -v Orthanc),,orthanc) \
+	$(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb) \
+	$(if $(shell command -v dciodvfy),,dicom3tools))
+
 system-packages:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	@missing="$(SYSTEM_PACKAGES_NEEDED)"; [ -z "$$missing" ] || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing the system package chromium (the review page's browser tests)"; \
+			echo "installing the system packages $$missing"; \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation fonts-dejavu-core >/dev/null; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "chromium is not installed and cannot be installed from here (not root, or no apt-get):"; \
-			echo "  run 'sudo apt-get install chromium'; until then the browser tests of the review page skip"; \
+			echo "system packages missing and not installable from here (not root, or no apt-get): $$missing"; \
+			echo "  run 'sudo apt-get install $$missing'; until then the tests that need them skip"; \
 		fi; }
 
 demo: setup
