@@ -23,7 +23,7 @@ from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
 from xray_ray.images.dicom import decode_dicom, printable, to_uint8
 
 __all__ = ["LIMITS", "SUPPORTED_EXTENSIONS", "DecodeLimits", "ImageDecodeError", "decode", "describe_failure",
-           "looks_like_dicom", "read_bytes", "read_image"]
+           "is_dicom", "looks_like_dicom", "read_bytes", "read_image"]
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
@@ -60,9 +60,9 @@ def looks_like_dicom(head: bytes) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _is_dicom(data: bytes) -> bool:
-    # Files written without the 128-byte preamble start straight with a group 0002 or
-    # 0008 element tag (little endian); no Pillow format starts that way.
+def is_dicom(data: bytes) -> bool:
+    """True for DICOM content: the "DICM" marker, or (files written without the 128-byte preamble) a group 0002
+    or 0008 element tag first, little endian; no Pillow format starts that way."""
     return looks_like_dicom(data) or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
@@ -134,7 +134,7 @@ def decode(data: bytes, limits: DecodeLimits = LIMITS) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return decode_dicom(data, limits) if _is_dicom(data) else _decode_pillow(data, limits)
+            return decode_dicom(data, limits) if is_dicom(data) else _decode_pillow(data, limits)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombWarning:  # a compressed DICOM frame's codestream above Pillow's cap
