@@ -85,7 +85,8 @@ class NullScorer(Scorer):
 
 def pipeline_rate(archive: Path, model: Path, size: int, batch: int) -> dict:
     """Images/s of the nightly job's pipeline over `archive` with the null scorer (inside a Ray session)."""
-    from xray_ray.scoring.run import plan, scoring_dataset, write_file_list
+    from xray_ray.scoring.file_list import write_file_list
+    from xray_ray.scoring.run import plan, scoring_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ScoreConfig(archives=[str(archive)], batch_size=batch)

@@ -3,6 +3,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/score.py --archive /abs/archive --model /abs/models/NAME --out /abs/scores
 
+A night's studies from a PACS instead, with an SR per answer stored back (docs/pacs.md):
+
+    ... python jobs/score.py --pacs https://pacs.example.org/dicom-web --study-date 20261201-20261202 \
+        --pacs-credentials /abs/pacs.json --model /abs/models/NAME --out /abs/scores --pacs-store
+
 Without a cluster, `python jobs/score.py ...` starts a local Ray. The same command is
 `xray-ray score`; `--help` lists every option.
 """

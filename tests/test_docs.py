@@ -184,6 +184,8 @@ def rendered(value) -> str:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
+    if value == "":
+        return "''"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(rendered(item) for item in value) + "]"
     return str(value)

@@ -10,6 +10,7 @@ checked by the job that uses it, before it starts.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from xray_ray.config_field import setting
@@ -35,6 +36,32 @@ class ScoreConfig:
                                        "true classes, for accuracy. Class folders are used otherwise.")
     follow_symlinks: bool = setting(False, "Read files and folders that symlinks lead to outside the archive "
                                            "folders (default: outside_archive error rows).")
+
+    # Or a PACS over DICOMweb (QIDO-RS finds, WADO-RS fetches, STOW-RS stores)
+    pacs: str | None = setting(None, "DICOMweb root URL of a PACS to score instead of archive folders, e.g. "
+                                     "https://pacs.example.org/dicom-web (needs score.study_date).")
+    study_date: str | None = setting(None, "Studies to take from the PACS: a study date YYYYMMDD or a range "
+                                           "YYYYMMDD-YYYYMMDD.")
+    pacs_credentials: str | None = setting(None, "File holding the PACS credentials, readable by its owner only: "
+                                                 "JSON {\"basic\": {\"user\": ..., \"password\": ...}} or "
+                                                 "{\"bearer\": TOKEN} (never given on the command line).")
+    pacs_skip_tls_verify: bool = setting(False, "Do not verify the PACS's TLS certificate (a test PACS with a "
+                                                "self-signed one; the default verifies it).")
+    pacs_timeout_s: float = setting(30.0, "Seconds one PACS request may take before it counts as a time-out.")
+    pacs_modalities: list = setting(lambda: ["CR", "DX", "DR"], "Series modalities scored from the PACS "
+                                                                "(others: not_radiograph rows).")
+    pacs_body_parts: list = setting(lambda: ["CHEST", ""], "BodyPartExamined values scored ('' accepts an "
+                                                           "absent one; others: not_chest rows).")
+    pacs_views: list = setting(lambda: ["PA", "AP", ""], "ViewPosition values scored ('' accepts an absent one; "
+                                                         "lateral views: lateral_view rows, others other_view).")
+    pacs_store: bool = setting(False, "Send each SR (and heat-map capture) back to the PACS with STOW-RS, into "
+                                      "the study it describes.")
+
+    # DICOM results
+    sr_out: str | None = setting(None, "Folder receiving one DICOM Structured Report per scored DICOM input "
+                                       "(<study UID>/<SR UID>.dcm; PNG and other inputs get none).")
+    sr_heatmaps: bool = setting(False, "Also write each answer's Grad-CAM overlay as a DICOM Secondary Capture "
+                                       "(none for out-of-distribution images; needs a model folder).")
 
     # What answers
     model: str | None = setting(None, "Exported model folder, e.g. models/NAME (required with the actors backend, "
@@ -95,6 +122,16 @@ class ScoreConfig:
             problems.append(f"score.review_threshold must be between 0 and 1, not {self.review_threshold}")
         if self.model and self.registry:
             problems.append("give score.model or score.registry, not both")
+        if self.pacs and self.archives:
+            problems.append("give score.archives or score.pacs, not both")
+        if self.pacs and not self.study_date:
+            problems.append("score.pacs needs score.study_date (YYYYMMDD or YYYYMMDD-YYYYMMDD)")
+        if self.study_date and not re.fullmatch(r"\d{8}(-\d{8})?", self.study_date):
+            problems.append(f"score.study_date must be YYYYMMDD or YYYYMMDD-YYYYMMDD, not {self.study_date!r}")
+        if self.pacs_store and not self.pacs:
+            problems.append("score.pacs_store sends results to score.pacs: give that too")
+        if self.pacs_timeout_s <= 0:
+            problems.append(f"score.pacs_timeout_s must be above 0, got {self.pacs_timeout_s}")
         if self.run is not None and (not self.run or self.run.startswith(".") or os.sep in self.run):
             problems.append(f"score.run must be a plain folder name, not {self.run!r}")
         if problems:
@@ -103,8 +140,8 @@ class ScoreConfig:
     def missing(self) -> list[str]:
         """What a run needs that this section does not name yet (its archives, output folder, model)."""
         needs = []
-        if not self.archives:
-            needs.append("give at least one archive (--archive, score.archives)")
+        if not self.archives and not self.pacs:
+            needs.append("give at least one archive (--archive, score.archives) or a PACS (--pacs, score.pacs)")
         if not self.out:
             needs.append("give the output folder (--out, score.out)")
         if self.backend == "actors" and not (self.model or self.registry):

@@ -41,13 +41,15 @@ def serve_model(config: Config, address: str = ADDRESS_OPTION) -> None:
 @app.command("score")
 @config_options("score", flags={"archives": "--archive"})
 def score(config: Config, address: str = ADDRESS_OPTION) -> None:
-    """Score archive folders with the model: predictions, ledger and a per-class report per run.
+    """Score archive folders, or a PACS's studies of some dates, with the model: predictions, ledger and a
+    per-class report per run, and DICOM SRs (--sr-out, --pacs-store).
 
-    Exit code 0 when the run completed (any file that cannot be scored, for whatever reason, becomes an error row
-    with a code), 2 for a bad configuration, 3 for an unusable model (or no running Serve app, or not the
-    --expect-version), 4 for an unreachable archive, 5 when the --out folder's disk lacks the space the run needs
-    (checked before Ray starts, and when the disk fills up during the run: what was committed stays, and the same
-    command completes the run once there is space).
+    Exit code 0 when the run completed (any file or instance that cannot be scored, for whatever reason, becomes
+    an error row with a code), 2 for a bad configuration, 3 for an unusable model (or no running Serve app, or not
+    the --expect-version), 4 for an unreachable archive, 5 when the --out folder's disk lacks the space the run
+    needs (checked before Ray starts, and when the disk fills up during the run: what was committed stays, and the
+    same command completes the run once there is space), 6 when the PACS cannot be reached or refuses the
+    credentials as the run starts.
     """
     from xray_ray.scoring.preflight import ScoreError, check_run
     from xray_ray.scoring.run import score as run_scoring
@@ -65,6 +67,13 @@ def score(config: Config, address: str = ADDRESS_OPTION) -> None:
                f"{summary['skipped_already_scored']} skipped (already scored by {summary['model_version']})"
                + synthetic_note(summary["synthetic_data"]))
     typer.echo("  " + ", ".join(f"{name}: {count}" for name, count in summary["per_class"].items()))
+    if pacs := summary.get("pacs"):
+        typer.echo(f"  PACS: {pacs['studies']} studies, {pacs['instances']} instances, {pacs['selected']} selected; "
+                   "skipped: " + (", ".join(f"{code}: {n}" for code, n in pacs["skipped"].items()) or "none"))
+    if results := summary.get("dicom_results"):
+        typer.echo(f"  DICOM SRs: {results.get('sr_written', 0)} written, {results.get('sr_stored', 0)} stored in the "
+                   f"PACS, {results.get('store_refused', 0)} refused; {results.get('not_dicom', 0)} answers were "
+                   "not DICOM inputs (no SR)")
     if summary["error_codes"]:
         typer.echo("  errors: " + ", ".join(f"{code}: {count}" for code, count in summary["error_codes"].items()))
     if summary["ground_truth"]:

@@ -11,6 +11,8 @@ two writes, `repair` rebuilds the ledger file from the part.
 One rule decides whether a file gets a new row; every place that deduplicates rows follows it
 (`row_key`, `known_keys`, the read stage's check, `run.read_predictions` within a run):
 
+- a PACS instance (its path is its WADO-RS URL) is keyed by its SOP Instance UID once answered, and an instance
+  the selection rules left out by its UID and reason: both are known before anything is fetched;
 - a file that was read is keyed by its content (sha256), so a renamed or copied image is not
   scored twice: once the ledger holds its key for a model version it gets no new row from that
   version, unless the model or our own code failed on it (`RETRIED_CODES`, `internal_error:*`),
@@ -51,6 +53,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from xray_ray.files import atomic_path, fsync_folder
+from xray_ray.scoring.dicomweb import SKIP_CODES, instance_sop
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,13 @@ PARTS_DIR = "predictions"
 QUARANTINE_DIR = "quarantine"
 LEDGER_COLUMNS = ["key", "model_version", "sha256", "path", "status", "error_code", "run", "scored_at"]
 MODEL_FAILED = "model_failed"
-RETRIED_CODES = frozenset({MODEL_FAILED})
+STORE_REFUSED = "store_refused"
+"""An answered PACS instance whose results the PACS refused to store (`scoring.dicom_out`)."""
+RETRIED_CODES = frozenset({MODEL_FAILED, STORE_REFUSED})
 """Error codes of read files that the next run tries again (also any `internal_error:*`)."""
+SKIPPED_CODES = SKIP_CODES
+"""Codes of PACS instances the selection rules leave out (a lateral view, not a chest): `skipped` rows, committed
+once per model version like an answer, never fetched."""
 STILL_FAILING = "still_failing"
 """Status the read stage gives an entry with no content hash whose path and error code the ledger already holds
 for this model version: the run lists it in the night's report as an error and commits no row for it."""
@@ -68,7 +76,10 @@ for this model version: the run lists it in the night's report as an error and c
 
 def row_key(sha256: str, path: str, code: str = "") -> str:
     """The ledger key of a row: its content hash, or, for an entry with no content to hash, a hash of its path and
-    error code (the module's rule)."""
+    error code (the module's rule). A PACS instance answered is keyed by its SOP Instance UID, known before it is
+    fetched, so a second night fetches nothing that model already scored."""
+    if not code and (sop := instance_sop(path)):
+        return hashlib.sha256(f"sop:{sop}".encode()).hexdigest()
     return sha256 or hashlib.sha256(f"unread:{code}:{path}".encode()).hexdigest()
 
 

@@ -32,8 +32,9 @@ from xray_ray.config import CLASS_NAMES
 from xray_ray.files import sha256_hex
 from xray_ray.images.bounds import LIMITS, DecodeLimits, ImageDecodeError
 from xray_ray.images.decode import describe_failure, read_bytes
+from xray_ray.images.dicom_results import source_header
 from xray_ray.images.preprocess import decode_and_preprocess
-from xray_ray.scoring.ledger import MODEL_FAILED, STILL_FAILING, row_key
+from xray_ray.scoring.ledger import MODEL_FAILED, SKIPPED_CODES, STILL_FAILING, row_key
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ OOD_COLUMNS = ["ood_score", "out_of_distribution"]
 """The model's out-of-distribution score and flag (a flagged row still has a predicted label)."""
 PREDICTION_COLUMNS = ["path", "sha256", "size", "predicted_label", *PROBABILITY_COLUMNS.values(), *OOD_COLUMNS,
                       "model_version", "engine", "scored_at", "status", "error_code", "error_reason"]
-_PASSED_ON = ("path", "sha256", "size", "status", "error_code", "error_reason")
+_PASSED_ON = ("path", "sha256", "size", "status", "error_code", "error_reason", "dicom_header")
+"""Columns a scorer passes on as they came; `dicom_header` (`images.dicom_results.source_header`) reaches the driver,
+which writes the DICOM results from it, and is not stored with the predictions."""
 TIMING_PREFIX = "t_"
 READ_STAGES = ("read", "hash", "decode_preprocess")
 WORKER_STAGES = (*READ_STAGES, "queueing", "model", "model_load")
@@ -59,42 +62,66 @@ def unpack(planes: np.ndarray) -> np.ndarray:
     return np.repeat(planes[..., np.newaxis], 3, axis=3).astype(np.float32)
 
 
+def _read(path: str, limits: DecodeLimits, pacs) -> bytes:
+    """The bytes of one entry: a file of the archive, or (`pacs` given) the PACS instance its URL names, fetched
+    with WADO-RS (a PACS failure becomes this entry's `ImageDecodeError` with the PACS's code)."""
+    if pacs is None:
+        return read_bytes(path, limits)
+    from xray_ray.scoring.dicomweb import PacsError, parse_instance_url
+
+    try:
+        return pacs.retrieve(*parse_instance_url(path), max_bytes=limits.max_file_bytes)
+    except PacsError as err:
+        raise ImageDecodeError(str(err), err.code) from None
+
+
 def _prepare_file(path: str, found_error: str, found_code: str, image_size: int, known,
-                  limits: DecodeLimits, seconds: dict[str, float]) -> tuple | None:
-    """(path, sha256, size, status, code, reason, pixels) of one file, or None when the ledger knows its content.
+                  limits: DecodeLimits, seconds: dict[str, float], pacs=None) -> tuple | None:
+    """(path, sha256, size, status, code, reason, DICOM header, pixels) of one entry, or None when the ledger knows
+    it already.
 
     An entry that cannot be read is looked at every run: when the ledger holds its path and error code already
     its status is `STILL_FAILING` (listed in the night's report, not committed again; `scoring.ledger`'s rule).
-    The time spent reading, hashing and decoding is added to `seconds`.
+    An entry the PACS selection rules left out (`SKIPPED_CODES`) is a `skipped` row, once. A PACS instance the
+    ledger holds for this model is dropped before it is fetched. The DICOM header travels on for the results
+    written from the answer (`images.dicom_results`). Seconds spent reading, hashing and decoding go to `seconds`.
     """
     sha256, size, data = "", -1, b""
+    if found_code in SKIPPED_CODES:
+        return None if row_key("", path, found_code) in known else (
+            path, "", -1, "skipped", found_code, found_error, "", None)
+    if pacs is not None and not found_error and row_key("", path) in known:
+        return None
     try:
         if found_error:
             raise ImageDecodeError(found_error, found_code or "unreadable")
         started = time.perf_counter()
-        data = read_bytes(path, limits)
+        data = _read(path, limits, pacs)
         read = time.perf_counter()
         sha256, size = sha256_hex(data), len(data)
         seconds["read"] += read - started
         seconds["hash"] += time.perf_counter() - read
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
         code, reason = describe_failure(exc)
-        return path, sha256, size, STILL_FAILING if row_key("", path, code) in known else "error", code, reason, None
+        status = STILL_FAILING if row_key("", path, code) in known else "error"
+        return path, sha256, size, status, code, reason, "", None
     if row_key(sha256, path) in known:
         return None
     started = time.perf_counter()
     try:
-        return path, sha256, size, "ok", "", "", pack(decode_and_preprocess(data, image_size, limits))
+        pixels = pack(decode_and_preprocess(data, image_size, limits))
+        return path, sha256, size, "ok", "", "", source_header(data), pixels
     except Exception as exc:  # noqa: BLE001 - one file's problem stays that file's row
-        return path, sha256, size, "error", *describe_failure(exc), None
+        return path, sha256, size, "error", *describe_failure(exc), "", None
     finally:
         seconds["decode_preprocess"] += time.perf_counter() - started
 
 
-def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits = LIMITS) -> dict:
+def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits = LIMITS, pacs=None) -> dict:
     """Files (`path`, discovery `error` and `code`) -> hashed rows with packed pixels; files in `known` are dropped.
 
-    `known` is a `ledger.KnownKeys`, or an ObjectRef to one (fetched zero-copy from the object store).
+    `known` is a `ledger.KnownKeys`, or an ObjectRef to one (fetched zero-copy from the object store); `pacs`, a
+    `dicomweb.PacsClient` when the paths are its instance URLs.
     """
     if not hasattr(known, "keys"):
         import ray
@@ -105,7 +132,7 @@ def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits =
     codes = batch.get("code", [""] * len(batch["path"]))
     seconds = dict.fromkeys(READ_STAGES, 0.0)
     for path, found_error, found_code in zip(batch["path"], batch["error"], codes):
-        prepared = _prepare_file(path, found_error, found_code, image_size, known, limits, seconds)
+        prepared = _prepare_file(path, found_error, found_code, image_size, known, limits, seconds, pacs)
         if prepared is None:
             continue
         for key, value in zip(rows, prepared):
@@ -120,14 +147,17 @@ def read_and_prepare(batch: dict, image_size: int, known, limits: DecodeLimits =
     return out
 
 
-def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16, limits: DecodeLimits = LIMITS):
-    """For each file-list chunk in `batch["chunk"]`, yield `read_and_prepare` batches of `rows_per_batch` files."""
+def read_chunks(batch: dict, image_size: int, known, rows_per_batch: int = 16, limits: DecodeLimits = LIMITS,
+                pacs=None):
+    """For each file-list chunk in `batch["chunk"]`, yield `read_and_prepare` batches of `rows_per_batch` files
+    (or PACS instances: one read task fetches its instances one at a time, so the PACS sees at most as many
+    requests at once as there are read tasks)."""
     import pyarrow.parquet as pq
 
     for chunk in batch["chunk"]:
         for files in pq.ParquetFile(chunk).iter_batches(batch_size=rows_per_batch, columns=["path", "error", "code"]):
             prepared = read_and_prepare({name: files.column(name).to_numpy(zero_copy_only=False)
-                                         for name in ("path", "error", "code")}, image_size, known, limits)
+                                         for name in ("path", "error", "code")}, image_size, known, limits, pacs)
             if len(prepared["path"]):  # every file already scored: nothing to send on
                 yield prepared
 
@@ -141,6 +171,8 @@ class Scorer:
     """
 
     load_seconds = 0.0
+    keep_pixels = False
+    """Pass the packed inputs on to the driver too (for the heat maps it writes as DICOM Secondary Captures)."""
 
     def predict(self, inputs: np.ndarray) -> dict:
         """For float32 inputs: `probabilities` (N, 4) calibrated, in CLASS_NAMES order, `ood_score` (N,),
@@ -163,6 +195,8 @@ class Scorer:
             out[f"{TIMING_PREFIX}{stage}"] = batch[f"{TIMING_PREFIX}{stage}"]
         out[f"{TIMING_PREFIX}queueing"] = np.maximum(0.0, started - batch["read_done_at"])
         out["size"] = batch["size"]
+        if self.keep_pixels:
+            out["pixels"] = batch["pixels"]
         ok = out["status"] == "ok"
         probabilities = np.full((n, len(CLASS_NAMES)), np.nan)
         ood_score, flagged = np.full(n, np.nan), np.zeros(n, bool)
@@ -200,9 +234,10 @@ class Scorer:
 class ActorScorer(Scorer):
     """One `Classifier` per actor, loaded here in `__init__` (never pickled)."""
 
-    def __init__(self, model_dir: str, engine: str = "auto", threads: int | None = None):
+    def __init__(self, model_dir: str, engine: str = "auto", threads: int | None = None, keep_pixels: bool = False):
         from xray_ray.model_folder.classifier import Classifier
 
+        self.keep_pixels = keep_pixels
         started = time.perf_counter()
         self.classifier = Classifier(model_dir, engine=engine, threads=threads)
         self.load_seconds = time.perf_counter() - started
@@ -229,7 +264,8 @@ def serve_handle():
 class ServeScorer(Scorer):
     """Batches go to the Serve replicas' model: no second copy of it in (GPU) memory."""
 
-    def __init__(self):
+    def __init__(self, keep_pixels: bool = False):
+        self.keep_pixels = keep_pixels
         self.handle = serve_handle()
         self.info = self.handle.describe.remote().result()
 

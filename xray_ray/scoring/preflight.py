@@ -4,8 +4,10 @@ and the free space its outputs need.
 `ScoreError` is how a run refuses to start, with the command's exit code: 2 bad
 configuration, 3 unusable model (or no running Serve app, or not the version expected),
 4 unreachable archive, 5 (`DISK_FULL`) not enough free space in the output folder (also the
-code of a run that a full disk ends half way). Everything here but the Serve backend's model
-runs before Ray starts, so a refused run costs nothing.
+code of a run that a full disk ends half way), 6 a PACS that cannot be reached or refuses the
+credentials (`scoring.pacs`). Everything here but the Serve backend's model runs before Ray
+starts, so a refused run costs nothing. A PACS run's space estimate counts no rows: its
+instances are only known once QIDO-RS has listed them.
 
 The space estimate (`space_needed`): the rows the run will write are the archive's entries (one
 more walk, as discovery makes it: names, and the first bytes of files without an extension) less
@@ -110,17 +112,25 @@ class RunInputs:
     info: ModelInfo | None
     rows: int = 0  # the rows the run is expected to write (the space estimate's)
     options: ScoreConfig | None = None  # the settings checked, `score.registry`'s current model as `score.model`
+    pacs: object | None = None  # the `dicomweb.PacsClient` of a run that scores a PACS, once it has answered
 
 
 def check_run(options: ScoreConfig) -> RunInputs:
-    """Every check that needs no Ray, in the order of the exit codes: settings (2), archives (4), labels (2),
-    the model folder (3), then free space (5), which needs the archives and the model version."""
+    """Every check that needs no Ray, in the order of the exit codes: settings (2), archives (4) or the PACS (6),
+    labels (2), the model folder (3), then free space (5), which needs the archives and the model version."""
     if missing := options.missing():
         raise ScoreError("; ".join(missing), 2)
+    if options.sr_heatmaps and not (options.model or options.registry):
+        raise ScoreError("score.sr_heatmaps draws heat maps with the model folder: give --model or --registry", 2)
     try:
         roots = [archive.check_root(root) for root in options.archives]
     except archive.ArchiveError as err:
         raise ScoreError(str(err), 4) from None
+    pacs = None
+    if options.pacs:  # the PACS stands where the archives do: reachable with these credentials, or exit 6
+        from xray_ray.scoring.pacs import connect
+
+        pacs = connect(options)
     options = registry_model(options)
     if options.labels and not Path(options.labels).is_file():
         raise ScoreError(f"--labels file not found: {options.labels}", 2)
@@ -129,7 +139,7 @@ def check_run(options: ScoreConfig) -> RunInputs:
     except (OSError, ValueError) as err:
         raise ScoreError(f"cannot read --labels: {err}", 2) from None
     info = None if options.backend == "serve" else model_info(options)
-    return RunInputs(roots, truth, info, check_space(options, roots, info), options)
+    return RunInputs(roots, truth, info, check_space(options, roots, info), options, pacs)
 
 
 def registry_model(options: ScoreConfig) -> ScoreConfig:

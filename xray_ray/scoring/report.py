@@ -30,6 +30,7 @@ from xray_ray.scoring import drift
 from xray_ray.scoring.archive import class_folder_label, is_synthetic
 from xray_ray.scoring.explain import gallery_blocks, write_explanations
 from xray_ray.scoring.pipeline import PROBABILITY_COLUMNS
+from xray_ray.scoring.report_dicom import dicom_section, dicom_summary
 
 FLAGGED_CSV = "out_of_distribution.csv"
 
@@ -75,7 +76,7 @@ def write_report(folder: str | Path, predictions: pd.DataFrame, state: dict, roo
     explained, explain_note = write_explanations(report, review_rows, model, state["model_version"], engine, explain)
     counts = _write_counts(report, rows.ok, threshold)
     evaluation, flagged_known = _write_evaluation(report, rows, roots, labels)
-    summary = {**_run_summary(state, rows, roots, counts, threshold, top_n),
+    summary = {**_run_summary(state, rows, roots, counts, threshold, top_n), **dicom_summary(state, predictions),
                "out_of_distribution_with_known_class": flagged_known,
                "explanations": {"limit": explain, "shown": len(explained), "note": explain_note},
                "ground_truth": None if evaluation is None else {
@@ -97,9 +98,10 @@ class _Rows(NamedTuple):
 
 def _sort_rows(predictions: pd.DataFrame) -> _Rows:
     """Confidence is a row's highest probability; rows written before the flag existed count as not flagged."""
-    frame = predictions.assign(confidence=predictions[list(PROBABILITY_COLUMNS.values())].max(axis=1))
+    probabilities = predictions[list(PROBABILITY_COLUMNS.values())].astype(float)  # typed even with no rows
+    frame = predictions.assign(confidence=probabilities.max(axis=1))
     frame = frame if "out_of_distribution" in frame else frame.assign(ood_score=float("nan"), out_of_distribution=False)
-    scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    scored, errors = frame[frame["status"] == "ok"], frame[frame["status"] == "error"]
     flag = scored["out_of_distribution"].fillna(False).astype(bool)
     return _Rows(frame, errors, scored[~flag], scored[flag])
 
@@ -249,6 +251,7 @@ def _write_page(report: Path, summary: dict, counts: list[dict], review_rows: pd
                     "not scored again." if skipped else "")),
         ]),
         _flagged_section(flagged_rows, summary["out_of_distribution_with_known_class"]),
+        *filter(None, [dicom_section(summary)]),
         Section("What the model found", [
             Table(counts),
             Text("Each image is put in the class the model finds most likely (images flagged out of distribution "

@@ -21,7 +21,9 @@ Scoring stays inside the archive folders: symlinks that lead outside them become
 
 Errors that stop a run before it starts are `ScoreError`s with an exit code: 2 bad
 configuration, 3 unusable model (or no running Serve app, or not the version expected),
-4 unreachable archive, 5 not enough free space in `out` (`preflight.check_space`). A disk
+4 unreachable archive, 5 not enough free space in `out` (`preflight.check_space`), 6 a PACS
+that cannot be reached (`scoring.pacs`; a PACS run lists its instances over QIDO-RS instead of
+walking folders, and writes DICOM SRs with `scoring.dicom_out`). A disk
 that fills up during the run ends it with exit 5 too: the write that failed leaves nothing
 behind (temp files are removed, a part whose ledger file could not be written is taken back),
 the file list is removed to give space back, and what was committed stays, so running the
@@ -47,8 +49,11 @@ from xray_ray.files import atomic_path, atomic_write_text, fsync_folder
 from xray_ray.config_services import ScoreConfig
 from xray_ray.ray_runtime import metrics_collected, metrics_url, require_ray
 from xray_ray.reports.tables import write_json
-from xray_ray.scoring import archive, ledger
+from xray_ray.scoring import ledger
+from xray_ray.scoring.dicom_out import DicomResults
+from xray_ray.scoring.file_list import write_file_list
 from xray_ray.scoring.metrics import LiveRunMetrics, write_textfiles
+from xray_ray.scoring.pacs import write_instance_list
 from xray_ray.scoring.preflight import (
     ModelInfo,
     RunInputs,
@@ -105,28 +110,6 @@ def run_folder(out: Path, name: str | None, version: str) -> Path:
         if _run_version(folder) in (None, version):
             return folder
     raise ScoreError(f"too many runs named {base} in {out}", 2)
-
-
-def write_file_list(roots: list[Path], folder: Path, exclude: Path, chunk_rows: int,
-                    follow_symlinks: bool = False) -> dict:
-    """Stream the archives' files (and walk errors) into Parquet chunks of `chunk_rows` paths; returns counts."""
-    shutil.rmtree(folder, ignore_errors=True)
-    counts, chunk = {"files": 0, "walk_errors": 0}, []
-
-    def flush():
-        if chunk:
-            with atomic_path(folder / f"files-{counts['files'] // chunk_rows:08d}.parquet") as tmp:
-                pd.DataFrame(chunk, columns=["path", "error", "code"]).to_parquet(tmp, index=False)
-            counts["files"] += len(chunk)
-            chunk.clear()
-
-    for found in archive.walk_all(roots, exclude, follow_symlinks):
-        chunk.append((found.path, found.error, found.code))
-        counts["walk_errors"] += bool(found.error)
-        if len(chunk) == chunk_rows:
-            flush()
-    flush()
-    return counts
 
 
 def _as_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -194,24 +177,26 @@ def plan(options: ScoreConfig) -> PoolPlan:
 
 
 def _scorer(options: ScoreConfig) -> tuple[type, dict]:
-    """The scorer class and its constructor arguments."""
+    """The scorer class and its constructor arguments (the inputs go on to the driver for SR heat maps)."""
     if options.backend == "serve":
-        return ServeScorer, {}
+        return ServeScorer, {"keep_pixels": options.sr_heatmaps}
     threads = options.threads or None  # None: engines.onnx_threads, the CPUs Ray assigned (as in Serve)
-    return ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads}
+    return ActorScorer, {"model_dir": str(Path(options.model).resolve()), "engine": options.engine, "threads": threads,
+                         "keep_pixels": options.sr_heatmaps}
 
 
 def scoring_dataset(files: Path, image_size: int, known, scorer: tuple[type, dict], pool: PoolPlan,
-                    options: ScoreConfig):
-    """The pipeline as a Ray Dataset: the file list's chunks (`write_file_list`) read, hashed, decoded and
-    preprocessed by read tasks, then scored by a pool of `scorer` actors (a `pipeline.Scorer` class and its
-    constructor arguments), under the run's object-store budget."""
+                    options: ScoreConfig, pacs=None):
+    """The pipeline as a Ray Dataset: the file list's chunks (`scoring.file_list`) read (from `pacs`, a
+    `dicomweb.PacsClient`, when the list holds its instances), hashed, decoded and preprocessed by read tasks,
+    then scored by a pool of `scorer` actors (a `pipeline.Scorer` class and its constructor arguments), under
+    the run's object-store budget."""
     import ray  # heavy: imported where the pipeline is built
 
     scorer_class, kwargs = scorer
     chunks = [{"chunk": str(path)} for path in sorted(files.glob("files-*.parquet"))]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-    ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": image_size, "known": ray.put(known)},
+    ds = ds.map_batches(read_chunks, fn_kwargs={"image_size": image_size, "known": ray.put(known), "pacs": pacs},
                         batch_size=1, batch_format="numpy", num_cpus=pool.read_cpus)
     ds = ds.map_batches(scorer_class, fn_constructor_kwargs=kwargs, batch_size=options.batch_size,
                         batch_format="numpy",
@@ -229,10 +214,12 @@ def scoring_dataset(files: Path, image_size: int, known, scorer: tuple[type, dic
 
 
 def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelInfo, known, folder: Path,
-                 out: Path, times: StageTimes, live: LiveRunMetrics, state: dict) -> pd.DataFrame:
-    """Run the pipeline over the file list, committing parts as rows arrive (`state["scored_now"]` counts their
-    rows); returns the still-failing entries' rows, which are reported, not committed."""
-    ds = scoring_dataset(files, info.image_size, known, _scorer(options), pool, options)
+                 out: Path, times: StageTimes, live: LiveRunMetrics, state: dict, results: DicomResults,
+                 pacs=None) -> pd.DataFrame:
+    """Run the pipeline over the file list, writing the DICOM results of the answers (`results`) and committing
+    parts as rows arrive (`state["scored_now"]` counts their rows); returns the still-failing entries' rows,
+    which are reported, not committed."""
+    ds = scoring_dataset(files, info.image_size, known, _scorer(options), pool, options, pacs)
     pending, rows, still = [], 0, []
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         times.mark("first_result_s")
@@ -243,6 +230,9 @@ def _score_files(options: ScoreConfig, pool: PoolPlan, files: Path, info: ModelI
         if repeated.any():
             still.append(batch[repeated])
             batch = batch[~repeated]
+        if results.active:
+            with times.measure("dicom_results"):
+                batch = results.add(batch)
         if len(batch):
             pending.append(batch)
             rows += len(batch)
@@ -275,14 +265,18 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
         ledger.repair(out, read_in_full=folder)  # the parts the report will read, checked in full
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state.update({"run": folder.name, "model_version": info.version, "engine": info.engine, "started_at": started,
-                      "status": "running", "archives": [str(r) for r in roots], "options": asdict(options),
+                      "status": "running", "archives": [str(r) for r in roots] or [options.pacs], "options": asdict(options),
                       "baseline": info.baseline})
         atomic_write_text(folder / RUN_FILE, json.dumps(state, indent=2))
         known = ledger.known_keys(out, info.version)
         files = folder / ".work" / "files"
         with times.measure("discovery"):
-            counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
-                                     follow_symlinks=options.follow_symlinks)
+            if checked.pacs is not None:
+                state["pacs"] = write_instance_list(checked.pacs, options, files)
+                counts = {"files": state["pacs"]["instances"], "walk_errors": 0}
+            else:
+                counts = write_file_list(roots, files, exclude=out, chunk_rows=options.files_per_task,
+                                         follow_symlinks=options.follow_symlinks)
         log.info("%d files found (%d walk errors); %d already scored by %s", counts["files"], counts["walk_errors"],
                  len(known), info.version)
         live = LiveRunMetrics(folder.name, info.version)
@@ -291,8 +285,11 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
         else:
             log.info("run %s: no live metrics from a lean local Ray (score.ray_profile full keeps them); the run's "
                      "figures go to metrics.prom at its end", folder.name)
-        still = _score_files(options, pool, files, info, known, folder, out, times, live, state) \
-            if counts["files"] else pd.DataFrame(columns=PREDICTION_COLUMNS)
+        results = DicomResults(options, checked.pacs)
+        still = _score_files(options, pool, files, info, known, folder, out, times, live, state, results,
+                             checked.pacs) if counts["files"] else pd.DataFrame(columns=PREDICTION_COLUMNS)
+        if results.active:
+            state["dicom_results"] = results.summary()
         shutil.rmtree(folder / ".work", ignore_errors=True)
         written = state["scored_now"]
         state.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), found=counts["files"],
@@ -300,7 +297,8 @@ def score(options: ScoreConfig, checked: RunInputs | None = None) -> dict:
                      pool=asdict(pool))
         with times.measure("report"):
             summary = write_report(folder, _night_rows(folder, still), state, roots, truth,
-                                   threshold=options.review_threshold, top_n=options.top_n, explain=options.explain,
+                                   threshold=options.review_threshold, top_n=options.top_n,
+                                   explain=0 if checked.pacs else options.explain,  # the images stay in the PACS
                                    model=options.model, engine=options.engine)
         summary["still_failing"] = len(still)
         state["timing"] = summary["timing"] = times.as_dict(written)
