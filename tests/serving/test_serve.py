@@ -114,6 +114,40 @@ def test_raw_body_and_multipart_give_the_same_answer(served, reference, name):
     assert_answers_match([raw.json(), form.json()], [data, data], reference)
 
 
+def test_a_dicom_upload_asked_for_as_dicom_is_answered_by_its_sr_and_a_png_by_a_406(served, phantom_root, tmp_path):
+    from PIL import Image
+
+    from tests.dicom_instances import dx_instance
+    from tests.dicom_validation import dciodvfy_errors
+    from xray_ray.images.dicom_results import read_answer
+
+    png = sorted(phantom_root.glob("*/images/*.png"))[0]
+    pixels = np.asarray(Image.open(png).convert("L"), np.uint16) * 16
+    study, sop = "1.2.826.0.1.3680043.10.1419.71", "1.2.826.0.1.3680043.10.1419.73"
+    dicom = dx_instance(study, "1.2.826.0.1.3680043.10.1419.72", sop, "20261201", "PA", size=pixels.shape[0],
+                        pixels=pixels)
+    as_json = post_image(served, dicom, "application/dicom").json()
+    for accept in ("application/dicom", "application/json;q=0.5, application/dicom"):
+        response = httpx.post(f"{served}/predict", content=dicom, timeout=60,
+                              headers={"Content-Type": "application/dicom", "Accept": accept})
+        assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+        answer = read_answer(response.content)
+        assert answer["source_sop_instance_uid"] == sop and answer["study_instance_uid"] == study
+        assert answer["predicted_label"] == as_json["label"] and answer["model_version"] == as_json["model_version"]
+        assert answer["out_of_distribution"] == as_json["out_of_distribution"]
+        for name, value in as_json["probabilities"].items():
+            assert answer["probabilities"][name] == pytest.approx(value, abs=1e-6)
+    (tmp_path / "sr.dcm").write_bytes(response.content)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    refused = httpx.post(f"{served}/predict", content=png.read_bytes(), timeout=60,
+                         headers={"Content-Type": "image/png", "Accept": "application/dicom"})
+    assert refused.status_code == 406 and refused.json()["error"] == "not_dicom"
+    assert "not DICOM" in refused.json()["reason"]
+    preferred_json = httpx.post(f"{served}/predict", content=dicom, timeout=60, headers={
+        "Content-Type": "application/dicom", "Accept": "application/json, application/dicom;q=0.2"})
+    assert preferred_json.status_code == 200 and preferred_json.json()["label"] == as_json["label"]
+
+
 BAD_IMAGES = ["empty.png", "text.png", "random.jpg", "truncated.png", "truncated.jpg", "truncated.dcm",
               "bomb.png", "tiny.png", "multiframe.dcm", "rgb.dcm", "no_pixels.dcm"]
 

@@ -26,12 +26,14 @@ from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from xray_ray.config import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME
 from xray_ray.config_services import ServeConfig
+from xray_ray import __version__
 from xray_ray.files import sha256_hex
+from xray_ray.images.dicom_results import Answer, source_header, structured_report, to_bytes
 from xray_ray.loopback import bind_serve_replicas_to_loopback
 from xray_ray.model_folder.classifier import Classifier
 from xray_ray.processes import process_footprint
@@ -39,7 +41,7 @@ from xray_ray.ray_runtime import require_ray
 from xray_ray.serving.admission import Admission
 from xray_ray.serving.explain import ExplainLimiter, explain_response
 from xray_ray.serving.followed_model import FollowedModel
-from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files
+from xray_ray.serving.http import ApiError, BodyBudget, unusable, uploaded_files, wants_dicom
 from xray_ray.serving.metrics import replica_metrics
 from xray_ray.serving.review_page import review_page
 from xray_ray.serving.settings import checked_model, decode_slots, memory_budget_mb, read_token
@@ -47,6 +49,16 @@ from xray_ray.serving.settings import checked_model, decode_slots, memory_budget
 log = logging.getLogger(__name__)
 
 bind_serve_replicas_to_loopback()  # a replica imports this module before it starts its gRPC server
+
+
+def sr_bytes(header: str, answer: dict) -> bytes:
+    """The DICOM SR of one /predict answer for the upload whose header is `header` (defined above the deployment,
+    which Serve ships with the module globals bound so far)."""
+    ood = answer["ood_score"]
+    return to_bytes(structured_report(header, Answer(
+        predicted_label=answer["label"], probabilities=answer["probabilities"],
+        ood_score=float("nan") if ood is None else ood, out_of_distribution=answer["out_of_distribution"],
+        model_version=answer["model_version"]), __version__))
 
 
 # No interactive docs: they would be endpoints outside the token's guard (the README lists the API).
@@ -152,14 +164,27 @@ class XrayClassifier:
         return {**answer, "sha256": sha256_hex(data), "bytes": len(data)}
 
     @api.post("/predict")
-    async def predict(self, request: Request) -> dict:
-        """One image: a multipart upload or the raw body (PNG, JPEG, TIFF, BMP, DICOM)."""
+    async def predict(self, request: Request):
+        """One image: a multipart upload or the raw body (PNG, JPEG, TIFF, BMP, DICOM). With `Accept:
+        application/dicom` a DICOM upload is answered by its DICOM SR (`images.dicom_results`), the same object
+        the scoring job writes; anything else asked for as DICOM gets a 406 with the reason."""
         self._authorize(request)
+        as_dicom = wants_dicom(request)
         with self.admission.admit() as deadline, self.bodies.request() as share:
             files = await uploaded_files(request, self.limit, self.settings.max_batch_files, share)
             if len(files) > 1:
                 raise ApiError(400, "too_many_files", "send one image here, or several to /predict/batch")
-            return await self.admission.within(deadline, self._answer(files[0][1]))
+            header = source_header(files[0][1]) if as_dicom else ""
+            if as_dicom and not header:
+                raise ApiError(406, "not_dicom", "a DICOM SR answers a DICOM upload only, and this upload is not "
+                                                 "DICOM: ask for application/json instead")
+            answer = await self.admission.within(deadline, self._answer(files[0][1]))
+        if not as_dicom:
+            return answer
+        report = await asyncio.to_thread(sr_bytes, header, answer)
+        return Response(report, media_type="application/dicom",
+                        headers={"Content-Disposition": 'attachment; filename="xray-ray-sr.dcm"',
+                                 "X-Model-Version": answer["model_version"]})
 
     @api.post("/predict/batch")
     async def predict_batch(self, request: Request) -> dict:

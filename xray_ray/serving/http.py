@@ -116,3 +116,19 @@ async def uploaded_files(request: Request, limit: int, max_files: int, share: Sh
     if not files:
         raise ApiError(400, "no_file", "the multipart form holds no file field")
     return files
+
+
+def wants_dicom(request: Request) -> bool:
+    """True when the client's Accept header asks for `application/dicom` (a DICOM SR instead of JSON), with a
+    quality above 0 and at least that of `application/json`."""
+    quality = {}
+    for item in request.headers.get("accept", "").split(","):
+        kind, *params = (part.strip().lower() for part in item.split(";"))
+        q = next((value for name, _, value in (p.partition("=") for p in params) if name.strip() == "q"), "1")
+        try:
+            quality[kind] = max(quality.get(kind, 0.0), float(q))
+        except ValueError:
+            continue
+    return quality.get("application/dicom", 0.0) > 0 and quality["application/dicom"] >= quality.get(
+        "application/json", 0.0)
+
