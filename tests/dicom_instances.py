@@ -26,11 +26,6 @@ def dx_instance(study_uid: str, series_uid: str, sop_uid: str, study_date: str, 
     `pixels` given, e.g. a phantom's), explicit VR little endian. An empty `view` or `body_part` leaves
     ViewPosition or BodyPartExamined out."""
     ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID = DX_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
@@ -57,6 +52,17 @@ def dx_instance(study_uid: str, series_uid: str, sop_uid: str, study_date: str, 
         ds.ViewPosition = view
     stored = dx_pixels(size, seed) if pixels is None else np.asarray(pixels, np.uint16)
     ds.set_pixel_data(stored, "MONOCHROME2", 12, generate_instance_uid=False)
+    return part10_bytes(ds)
+
+
+def part10_bytes(ds: Dataset) -> bytes:
+    """`ds` as a Part-10 file (preamble, "DICM", file meta from its SOP class and instance, explicit VR little
+    endian), as a modality writes it."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()

@@ -6,12 +6,11 @@ import io
 import json
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.dataset import Dataset
 
+from tests.dicom_instances import DX_IMAGE_STORAGE, part10_bytes
 from tests.dicom_validation import dciodvfy_errors
 from xray_ray.config import CLASS_NAMES
 from xray_ray.images.dicom_results import (
@@ -25,7 +24,6 @@ from xray_ray.images.dicom_results import (
     to_bytes,
 )
 
-DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.102"
 SOFTWARE = "0.1.0"
 
@@ -36,11 +34,6 @@ def dx_source(sop_uid: str, complete: bool = True) -> bytes:
     """A 64x64 MONOCHROME2 DX instance as Part-10 bytes: `complete` with every patient and study attribute (and a
     non-ASCII name in UTF-8), else with the Type 2 ones a sloppy modality leaves out, and an invalid sex."""
     ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID, ds.SOPInstanceUID = DX_IMAGE_STORAGE, sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
     ds.StudyDate, ds.StudyTime, ds.Modality = "20260105", "093000", "DX"
@@ -59,9 +52,7 @@ def dx_source(sop_uid: str, complete: bool = True) -> bytes:
         ds.PatientSex = "male"
     ds.set_pixel_data(np.random.default_rng(0).integers(0, 4096, (64, 64), dtype=np.uint16), "MONOCHROME2", 12,
                       generate_instance_uid=False)
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
+    return part10_bytes(ds)
 
 
 def answer(label: str, out_of_distribution: bool = False, ood_score: float = 0.12,
