@@ -152,6 +152,7 @@ def start_orthanc(folder: Path) -> OrthancServer:
     """An Orthanc serving DICOMweb at http://127.0.0.1:PORT/dicom-web/, storing in `folder`, started and ready."""
     binary, plugin = orthanc_or_skip()
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     server = OrthancServer(binary, folder, free_port(), "xray-ray-tests", secrets.token_urlsafe(16))
     config = {"Name": "xray-ray-tests", "HttpPort": server.port, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": True, "RegisteredUsers": {server.user: server.password},

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pydicom
 import pytest
+import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 
@@ -67,6 +68,22 @@ def test_find_instances_selects_frontal_chest_radiographs(pacs):
     assert [c.sop_uid for c in pacs.find_instances("20261203", SelectionRules())] == [f"{ROOT}.3.1.1"]
     with pytest.raises(ValueError, match="YYYYMMDD"):
         next(pacs.find_instances("20261202-20261201", SelectionRules()))
+
+
+def test_a_pacs_that_refuses_a_search_at_its_root_is_walked_study_by_study(pacs, monkeypatch):
+    """Some PACS answer 400 to QIDO-RS /instances without a study: the same candidates come study by study."""
+    expected = sorted(pacs.find_instances("20261201-20261202", SelectionRules()), key=lambda c: c.sop_uid)
+    search = pacs.client.search_for_instances
+
+    def refuse_at_root(study_instance_uid=None, *args, **kwargs):
+        if study_instance_uid is None:
+            response = requests.Response()
+            response.status_code, response.reason = 400, "Bad Request"
+            raise requests.HTTPError(response=response)
+        return search(study_instance_uid, *args, **kwargs)
+
+    monkeypatch.setattr(pacs.client, "search_for_instances", refuse_at_root)
+    assert sorted(pacs.find_instances("20261201-20261202", SelectionRules()), key=lambda c: c.sop_uid) == expected
 
 
 def test_retrieve_returns_the_stored_file(pacs):
