@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from xray_ray.config_field import setting
 from xray_ray.ray_runtime import RAY_PROFILES
@@ -23,6 +24,18 @@ BACKENDS = ("actors", "serve")
 def _problems_of_counts(section: str, values: dict[str, float], at_least: float) -> list[str]:
     return [f"{section}.{name} must be at least {at_least:g}, got {value}" for name, value in values.items()
             if value is not None and value < at_least]
+
+
+def is_date_range(text: str) -> bool:
+    """True for a DICOM date YYYYMMDD or a range YYYYMMDD-YYYYMMDD of real dates, the first not after the second."""
+    days = text.split("-")
+    if len(days) > 2 or not all(re.fullmatch(r"\d{8}", day) for day in days):
+        return False
+    try:
+        parsed = [datetime.strptime(day, "%Y%m%d") for day in days]
+    except ValueError:
+        return False
+    return parsed == sorted(parsed)
 
 
 @dataclass
@@ -126,8 +139,9 @@ class ScoreConfig:
             problems.append("give score.archives or score.pacs, not both")
         if self.pacs and not self.study_date:
             problems.append("score.pacs needs score.study_date (YYYYMMDD or YYYYMMDD-YYYYMMDD)")
-        if self.study_date and not re.fullmatch(r"\d{8}(-\d{8})?", self.study_date):
-            problems.append(f"score.study_date must be YYYYMMDD or YYYYMMDD-YYYYMMDD, not {self.study_date!r}")
+        if self.study_date and not is_date_range(self.study_date):
+            problems.append(f"score.study_date must be a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD of real dates "
+                            f"in order, not {self.study_date!r}")
         if self.pacs_store and not self.pacs:
             problems.append("score.pacs_store sends results to score.pacs: give that too")
         if self.pacs_timeout_s <= 0:

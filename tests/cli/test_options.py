@@ -71,6 +71,14 @@ def test_flags_beat_set_which_beats_the_yaml_file(tmp_path, monkeypatch):
     (["score", "--archive", "a", "--out", "o", "--set", "score.backend=cloud"], "score.backend must be one of"),
     (["serve", "--model", "m", "--max-batch-size", "16", "--max-ongoing-requests", "4"], "max_ongoing_requests"),
     (["serve", "--set", "serve.nope=1"], "unknown setting(s) in serve.: nope"),
+    (["score", "--pacs", "https://pacs/dicom-web", "--study-date", "20261301", "--out", "o", "--model", "m"],
+     "score.study_date must be a date YYYYMMDD"),
+    (["score", "--pacs", "https://pacs/dicom-web", "--study-date", "20261202-20261201", "--out", "o", "--model", "m"],
+     "of real dates in order"),
+    (["score", "--pacs", "https://pacs/dicom-web", "--out", "o", "--model", "m"], "score.pacs needs score.study_date"),
+    (["score", "--archive", "a", "--pacs", "https://pacs/dicom-web", "--study-date", "20261201", "--out", "o",
+      "--model", "m"], "give score.archives or score.pacs, not both"),
+    (["score", "--archive", "a", "--pacs-store", "--out", "o", "--model", "m"], "score.pacs_store sends results"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_2(args, message):
     result = CliRunner().invoke(app, args)

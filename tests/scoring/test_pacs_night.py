@@ -175,6 +175,23 @@ def test_an_unreachable_pacs_stops_the_run_before_anything_with_its_own_exit_cod
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("problem", ["missing", "open to others", "not JSON", "plain http off loopback"])
+def test_a_credentials_file_that_cannot_be_used_is_a_configuration_error(problem, tmp_path):
+    path, url = tmp_path / "pacs.json", "http://127.0.0.1:9/dicom-web"
+    if problem != "missing":
+        path.write_text("{" if problem == "not JSON" else '{"bearer": "t0ken"}')
+        path.chmod(0o644 if problem == "open to others" else 0o600)
+    if problem == "plain http off loopback":
+        url = "http://pacs.example.org/dicom-web"
+    settings = ScoreConfig(pacs=url, study_date=DATES[0], pacs_credentials=str(path), out=str(tmp_path / "out"),
+                           model=str(tmp_path))
+    with pytest.raises(ScoreError) as refused:
+        check_run(settings)
+    assert refused.value.exit_code == 2 and str(path if problem != "plain http off loopback" else "https") in str(
+        refused.value)
+    assert "t0ken" not in str(refused.value)
+
+
 @pytest.mark.timeout(600)
 def test_an_archive_folder_gets_srs_for_its_dicom_files_only(compact_model, ray_local, phantoms, tmp_path):
     archive = tmp_path / "archive"

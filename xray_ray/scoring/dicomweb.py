@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client import DICOMwebClient
 
+from xray_ray.config_services import is_date_range
 from xray_ray.images.decode import looks_like_dicom
 from xray_ray.images.dicom_results import MANUFACTURER as RESULTS_MANUFACTURER
 from xray_ray.loopback import is_loopback_host
@@ -140,12 +140,7 @@ def read_credentials(path: str) -> dict[str, str]:
 
 def _date_range(study_date: str) -> str:
     """`study_date` checked: YYYYMMDD or YYYYMMDD-YYYYMMDD, real dates, in order."""
-    days = study_date.split("-")
-    try:
-        parsed = [datetime.strptime(day, "%Y%m%d") for day in days if re.fullmatch(r"\d{8}", day)]
-    except ValueError:
-        parsed = []
-    if len(days) > 2 or len(parsed) != len(days) or parsed != sorted(parsed):
+    if not is_date_range(study_date):
         raise ValueError(f"study date {study_date!r} is neither YYYYMMDD nor a range YYYYMMDD-YYYYMMDD")
     return study_date
 

@@ -30,7 +30,8 @@ from xray_ray.scoring.preflight import ScoreError
 log = logging.getLogger(__name__)
 
 PACS_UNREACHABLE = 6
-"""Exit code of a run whose PACS cannot be reached (or refuses its credentials) when it starts."""
+"""Exit code of a run whose PACS cannot be reached (or refuses its credentials) when it starts; a credentials
+file that cannot be used (missing, readable by others, not JSON, or bound for plain http off loopback) is exit 2."""
 
 SKIP_WHY = {"lateral_view": "a lateral view (ViewPosition {view})",
             "not_chest": "not a chest image (BodyPartExamined {body_part})",
@@ -47,7 +48,11 @@ def connect(options: ScoreConfig) -> PacsClient:
     except PacsUnreachable as err:
         raise ScoreError(f"the PACS at {options.pacs} cannot be reached: {err}; nothing was scored",
                          PACS_UNREACHABLE) from None
-    except (PacsError, OSError, ValueError) as err:
+    except PacsError as err:
+        if err.code == "bad_credentials":  # the run's own settings: fixed here, not at the PACS
+            raise ScoreError(str(err), 2) from None
+        raise ScoreError(f"the PACS at {options.pacs} refused this run: {err}", PACS_UNREACHABLE) from None
+    except (OSError, ValueError) as err:
         raise ScoreError(f"the PACS at {options.pacs} refused this run: {err}", PACS_UNREACHABLE) from None
     return client
 
