@@ -34,7 +34,7 @@ from xray_ray.tuning.storage import plan
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_demo.yaml"
 
 
-def timed_trial(params, training, config, metric):
+def timed_trial(params, training, config):
     """`run_trial`, with the time the function was entered and the time of the first training batch in each report."""
     import ray.tune
 
@@ -58,7 +58,7 @@ def timed_trial(params, training, config, metric):
 
     train._epoch_timer, ray.tune.report = timer, report_with_marks
     try:
-        run_trial(params, training, config, metric)
+        run_trial(params, training, config)
     finally:
         train._epoch_timer, ray.tune.report = make_timer, report
 

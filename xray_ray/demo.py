@@ -207,8 +207,10 @@ def summarize(out: Path, tune_reports: Path, answers: list[dict], seconds: dict,
         "data": SYNTHETIC_NOTE if synthetic else "real dataset",
         "reports": {"tuning (trials, best model, test set)": str(tune_reports / "index.html"),
                     "archive scoring (per class, review list, errors)": str(out / "scores/demo/report/index.html")},
-        "best_trial": tuned["best_trial"], "best_score": {tuned["metric"]: tuned["best_score"]},
-        "test_accuracy": tuned["test_accuracy"], "model_version": tuned["model_version"],
+        "best_trial": tuned["best_trial"], "best_trial_number": tuned["best_trial_number"],
+        "best_params": tuned["best_params"], "best_score": {tuned["metric"]: tuned["best_score"]},
+        "epochs_run": tuned["epochs_run"], "test_accuracy": tuned["test_accuracy"],
+        "model_version": tuned["model_version"],
         "archive": {k: scored.get(k) for k in ("scored", "errors", "per_class")},
         "archive_accuracy": (scored.get("ground_truth") or {}).get("accuracy"),
         "serve_answers": [{k: a.get(k) for k in ("file", "status", "label", "confidence", "out_of_distribution", "reason")} for a in answers],
@@ -219,7 +221,9 @@ def summarize(out: Path, tune_reports: Path, answers: list[dict], seconds: dict,
     print(f"\nReports ({summary['data']}):")
     for what, path in summary["reports"].items():
         print(f"  {what}: {path}")
-    print(f"Headline ({label}): best trial {tuned['best_trial']} {tuned['metric']} {tuned['best_score']:.3f}; "
+    # Tune draws trial ids at random; the trial's number (its place in the search's order) is what repeats.
+    print(f"Headline ({label}): best trial #{tuned['best_trial_number']} of {tuned['trials']} "
+          f"(id {tuned['best_trial']}) {tuned['metric']} {tuned['best_score']:.3f}; "
           f"test accuracy {tuned['test_accuracy']:.3f}; archive: {scored.get('scored')} scored, "
           f"{scored.get('errors')} unreadable" + (f", accuracy {summary['archive_accuracy']:.3f}"
                                                    if summary["archive_accuracy"] is not None else "")

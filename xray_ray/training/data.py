@@ -158,7 +158,14 @@ def _load_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
 
 
 def load_images(ds, size: int):
-    """Decode and preprocess (images.preprocess, as everywhere) into `image` and one-hot `y` columns."""
+    """Decode and preprocess (images.preprocess, as everywhere) into `image` and one-hot `y` columns.
+
+    The output keeps the rows' order. By default Ray Data hands blocks on in the order their
+    tasks finish, which can vary from run to run; the stored order decides which images each
+    epoch's permutation (`epoch_order`) and the BatchNorm refreshes read, so without this two
+    runs with the same seed would train differently. Set on `ds`'s own copy of the settings.
+    """
+    ds.context.execution_options.preserve_order = True
     return ds.map_batches(_load_batch, fn_kwargs={"size": size}, batch_format="pandas", batch_size=32)
 
 
@@ -222,6 +229,13 @@ def to_tf(ds, batch_size: int, training: bool, seed: int = 123, first_epoch: int
     flipped horizontally at random by a Keras layer, whose seed state moves on every epoch (a
     seeded `tf.image` op would restart with each pass and flip the same images every epoch).
     Evaluation pipelines keep the stored order.
+
+    Batches are gathered by `tf.numpy_function`, not `Dataset.from_generator`: TensorFlow's generator
+    op sets glibc's trim threshold when it first runs (it logs "Memory patch applied:
+    M_TRIM_THRESHOLD=128 kb"), which also freezes malloc's mmap threshold at 128 KB, so every
+    step's activation buffers were mapped and unmapped afresh: a demo epoch (5.1 s) spent about
+    4 CPU-seconds in the kernel on 1.5 million page faults. Without it a demo epoch under Tune
+    takes about 3 s, with the same batches and figures (measured, docs/demo.md).
     """
     import keras
     import tensorflow as tf
@@ -229,15 +243,20 @@ def to_tf(ds, batch_size: int, training: bool, seed: int = 123, first_epoch: int
     images, labels = in_memory(ds)
     epochs = itertools.count(first_epoch)
 
-    def batches():
-        order = epoch_order(len(images), seed, next(epochs)) if training else np.arange(len(images))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            yield images[rows], labels[rows]
+    def order() -> np.ndarray:  # called once per pass over the pipeline, i.e. once per epoch
+        rows = epoch_order(len(images), seed, next(epochs)) if training else np.arange(len(images))
+        return rows.astype(np.int64)
 
-    tfds = tf.data.Dataset.from_generator(batches, output_signature=(
-        tf.TensorSpec((None, None, None, 3), tf.uint8), tf.TensorSpec((None, len(CLASS_NAMES)), tf.float32)))
-    # A generator has no known length; stating it lets Keras count steps (and not warn).
+    def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return images[rows], labels[rows]
+
+    def batch(rows):
+        x, y = tf.numpy_function(gather, [rows], (tf.uint8, tf.float32), stateful=False)
+        return tf.ensure_shape(x, (None, *images.shape[1:])), tf.ensure_shape(y, (None, len(CLASS_NAMES)))
+
+    passes = tf.data.Dataset.from_tensors(0).map(lambda _: tf.numpy_function(order, [], tf.int64))
+    tfds = passes.flat_map(lambda rows: tf.data.Dataset.from_tensor_slices(rows).batch(batch_size)).map(batch)
+    # The flat_map hides the length; stating it lets Keras count steps (and not warn).
     tfds = tfds.apply(tf.data.experimental.assert_cardinality(-(-len(images) // batch_size)))
     tfds = tfds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     if training:

@@ -214,9 +214,11 @@ def finish(results, table: pd.DataFrame, frame: pd.DataFrame, training, config: 
         write_csv(folder / "importances.csv", ranked)
     summary = {
         "experiment": experiment.name, "storage_path": experiment.path, "metric": settings.score, "mode": settings.mode,
-        "best_trial": best["trial_id"], "best_params": params, "best_score": float(best[settings.score]),
+        "best_trial": best["trial_id"], "best_trial_number": int(best["trial"]), "best_params": params,
+        "best_score": float(best[settings.score]),
         "model": str(experiment.out), "model_version": card["version"], "test_accuracy": card["metrics"]["test"]["accuracy"],
         "trials": len(table), "errors": errors, "importances": None if ranked is None else dict(zip(ranked.parameter, ranked.importance)),
+        "epochs_run": int(table["epochs_run"].sum()),
         "epochs_saved_by_asha": int(sum(config.lra.epochs - r.epochs_run for r in table.itertuples() if r.stop_reason == "asha")),
         "synthetic_data": bool(frame.attrs.get("synthetic", False)),
     }

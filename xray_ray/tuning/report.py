@@ -32,8 +32,8 @@ def write_report(folder: Path, table: pd.DataFrame, summary: dict, settings: Tun
                          "(the LRA's best epoch), which is the model that would be exported."),
         ]),
         Section("Best trial", [KeyValues({
-            "trial": summary["best_trial"], **summary["best_params"], "model folder": summary["model"],
-            "model version": summary["model_version"], "test images": test["n"]})]),
+            "trial": f"{summary['best_trial_number']} (id {summary['best_trial']})", **summary["best_params"],
+            "model folder": summary["model"], "model version": summary["model_version"], "test images": test["n"]})]),
         Section("Trials", [Table(shown, max_rows=200, full_file="trials.csv"),
                                    Text("stop_reason: stop_patience (LRA stopped), max_epochs, asha (stopped "
                                                 "early by the scheduler) or error. node_id and gpu_ids: where the trial ran.")]),

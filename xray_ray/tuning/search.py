@@ -119,16 +119,28 @@ def asha_grace_period(settings: TuneConfig, max_epochs: int) -> int:
     return settings.grace_period
 
 
-def build_tuner(trainable, config: Config, settings: TuneConfig, experiment: Experiment, callbacks: list):
+def build_searcher(config: Config, settings: TuneConfig):
+    """OptunaSearch with a seeded TPE sampler, the base config's point first (`start_from_base`).
+
+    For its first `startup_trials` trials TPE draws at random from its seed, so the i-th trial gets
+    the same values whenever and in whatever order the trials before it finish; after that it models
+    the finished trials, so with trials running side by side their timing changes what it suggests.
+    """
     import optuna
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     point = first_point(config, settings) if settings.start_from_base else {}
-    searcher = OptunaSearch(
+    return OptunaSearch(
         points_to_evaluate=[point] if point else None,
         sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials),
     )
+
+
+def build_tuner(trainable, config: Config, settings: TuneConfig, experiment: Experiment, callbacks: list):
+    """The Tuner: `build_searcher`'s search, ASHA on the epoch count (or no early stopping), resources and storage."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    searcher = build_searcher(config, settings)
     if settings.scheduler == "asha":
         grace = asha_grace_period(settings, config.lra.epochs)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.lra.epochs, grace_period=grace,
